@@ -1,0 +1,30 @@
+"""fxmerge: latency-aware CNN depth compression as torch.fx graph passes.
+
+>>> import torch, torchvision, fxmerge
+>>> model = torchvision.models.mobilenet_v2().eval()
+>>> x = torch.randn(1, 3, 64, 64)
+>>> analysis = fxmerge.analyze(model, (x,))
+>>> merged = fxmerge.merge(model, fxmerge.Plan.drop_all(analysis))
+"""
+import os as _os
+
+# The repository keeps the passes in a top-level `passes/` folder that setup.cfg installs as
+# `fxmerge.passes`. When fxmerge is imported straight from a checkout (its root on sys.path),
+# let the package find that folder too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(_os.path.join(_root, "passes", "dp.py")):
+    __path__.append(_root)
+
+from fxmerge.algebra import ConvGeometry
+from fxmerge.api import analyze
+from fxmerge.errors import FxMergeError, InvalidPlanError, PlanMismatchError, TraceFailedError
+from fxmerge.passes.analysis import Analysis, BlockLimits, Chain
+from fxmerge.passes.patterns import register_activation
+from fxmerge.passes.rewrite import linearize, merge
+from fxmerge.plan import ChainPlan, Plan
+
+__all__ = [
+    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "InvalidPlanError",
+    "Plan", "PlanMismatchError", "TraceFailedError", "analyze", "linearize", "merge", "register_activation",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,268 @@
+"""Pure convolution algebra: the math that makes merging exact.
+
+Everything here works on plain tensors and integers, for 1-, 2- and 3-d convolutions:
+
+* :class:`ConvGeometry` and :func:`merged_geometry` — shape arithmetic of a merged run;
+* :func:`padding_enlargement` / :func:`skip_offsets` — where padding goes once it is moved to
+  the front of a run, and where identity skips land in the merged kernel;
+* :class:`ConvState` with :func:`compose`, :func:`fold_batchnorm`, :func:`add_shifted` and
+  :func:`finalize` — the weights of the merged convolution.
+
+Conventions. A run of layers 1..n without padding between them is one convolution: with
+σ_l = Π_{m<l} s_m, its kernel on the dilation-1 grid is ``1 + Σ d_l (k_l − 1) σ_l``, its stride
+``Π s_l`` and its front padding ``Σ p_l σ_l`` per side. Weights are kept grouped with the
+coarsest group count that is exact (the gcd of the layers' groups), so depthwise runs stay
+depthwise. Paddings are ``((before, after), ...)`` per spatial dimension in natural order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Pads = tuple[tuple[int, int], ...]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The shape-defining parameters of one convolution (padding may be asymmetric)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: Pads
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        parts = [f"{self.in_channels}->{self.out_channels}", k]
+        if any(s != 1 for s in self.stride):
+            parts.append("s" + "x".join(map(str, self.stride)))
+        if any(d != 1 for d in self.dilation):
+            parts.append("d" + "x".join(map(str, self.dilation)))
+        if self.groups > 1:
+            parts.append("dw" if self.is_depthwise else f"g{self.groups}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel": list(self.kernel), "stride": list(self.stride),
+            "padding": [list(p) for p in self.padding], "dilation": list(self.dilation),
+            "groups": self.groups,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConvGeometry":
+        return cls(d["in_channels"], d["out_channels"], tuple(d["kernel"]), tuple(d["stride"]),
+                   tuple(tuple(p) for p in d["padding"]), tuple(d["dilation"]), d["groups"])
+
+
+def is_symmetric(padding: Pads) -> bool:
+    return all(lo == hi for lo, hi in padding)
+
+
+def flat_pad(padding: Pads) -> tuple[int, ...]:
+    """``((before, after), ...)`` in natural order to ``F.pad``'s last-dimension-first list."""
+    out: list[int] = []
+    for lo, hi in reversed(padding):
+        out += [lo, hi]
+    return tuple(out)
+
+
+def unflat_pad(pad: Sequence[int], ndim: int) -> Pads:
+    """``F.pad``'s list (which may cover only the last dims) to natural-order pairs."""
+    pairs = [(0, 0)] * ndim
+    for i in range(len(pad) // 2):
+        pairs[ndim - 1 - i] = (int(pad[2 * i]), int(pad[2 * i + 1]))
+    return tuple(pairs)
+
+
+def _strides_before(layers: Sequence[ConvGeometry], dim: int) -> list[int]:
+    """σ_l for each layer: the product of the strides of the layers before it."""
+    sigma, out = 1, []
+    for g in layers:
+        out.append(sigma)
+        sigma *= g.stride[dim]
+    return out
+
+
+def padding_enlargement(layers: Sequence[ConvGeometry]) -> list[Pads]:
+    """E_p for p = 0..n: how much larger than in the original run the map after layer p is once
+    all padding sits in front of layer 1 (E_0 is the front padding itself, E_n is zero)."""
+    n, ndim = len(layers), layers[0].ndim
+    out = []
+    for p in range(n + 1):
+        per_dim = []
+        for d in range(ndim):
+            lo = hi = 0
+            sigma = 1
+            for g in layers[p:]:
+                lo += g.padding[d][0] * sigma
+                hi += g.padding[d][1] * sigma
+                sigma *= g.stride[d]
+            per_dim.append((lo, hi))
+        out.append(tuple(per_dim))
+    return out
+
+
+def skip_offsets(layers: Sequence[ConvGeometry], skips: Sequence[tuple[int, int]]) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """For identity skips (s, t) nested in a run (0 <= s < t <= n, stride 1 across the span):
+    ``{t: (s, offset)}`` where ``offset`` is where, on the front-padded input grid of the run,
+    the identity term's kernel starts (the crop of x_s that aligns it with x_t)."""
+    enl = padding_enlargement(layers)
+    out = {}
+    for s, t in skips:
+        offset = []
+        for d in range(layers[0].ndim):
+            sigma = math.prod(g.stride[d] for g in layers[:s])
+            offset.append(sigma * (enl[s][d][0] - enl[t][d][0]))
+        out[t] = (s, tuple(offset))
+    return out
+
+
+def merged_geometry(layers: Sequence[ConvGeometry], skips: Sequence[tuple[int, int]] = ()) -> ConvGeometry:
+    """Geometry of the single convolution equal to ``layers`` with padding moved to the front
+    and the identity ``skips`` (positions relative to the run) fused in."""
+    first, ndim = layers[0], layers[0].ndim
+    kernel, stride, dilation = [], [], []
+    offsets = skip_offsets(layers, skips)
+    for d in range(ndim):
+        sig = _strides_before(layers, d)
+        extent = sum(g.dilation[d] * (g.kernel[d] - 1) * s for g, s in zip(layers, sig))
+        grid = 0
+        for g, s in zip(layers, sig):
+            if g.kernel[d] > 1:
+                grid = math.gcd(grid, g.dilation[d] * s)
+        for _, off in offsets.values():
+            grid = math.gcd(grid, off[d])
+        grid = grid or 1
+        kernel.append(extent // grid + 1)
+        dilation.append(grid)
+        stride.append(sig[-1] * layers[-1].stride[d])
+    groups = 0
+    for g in layers:
+        groups = math.gcd(groups, g.groups)
+    return ConvGeometry(first.in_channels, layers[-1].out_channels, tuple(kernel), tuple(stride),
+                        padding_enlargement(layers)[0], tuple(dilation), groups)
+
+
+# --------------------------------------------------------------------------- merged weights
+
+
+@dataclass
+class ConvState:
+    """A convolution being accumulated on the dilation-1 grid of the run's padded input.
+
+    ``grid`` is the structural gcd of the tap offsets per dimension (0 = only the origin); it is
+    what lets :func:`finalize` return a dilated kernel instead of one padded with zeros.
+    """
+
+    weight: Tensor  # (out, in // groups, *kernel)
+    bias: Tensor  # (out,)
+    stride: tuple[int, ...]
+    groups: int
+    grid: tuple[int, ...]
+
+
+def identity_state(channels: int, ndim: int, *, dtype: torch.dtype, device: torch.device) -> ConvState:
+    """The identity map as a depthwise 1x..x1 convolution (the state at a segment's start)."""
+    weight = torch.ones((channels, 1) + (1,) * ndim, dtype=dtype, device=device)
+    return ConvState(weight, torch.zeros(channels, dtype=dtype, device=device), (1,) * ndim, channels, (0,) * ndim)
+
+
+def regroup(weight: Tensor, groups: int, new_groups: int) -> Tensor:
+    """Re-express a grouped weight with ``new_groups`` (a divisor of ``groups``) groups, filling
+    the connections the finer grouping lacks with zeros."""
+    if new_groups == groups:
+        return weight
+    ratio = groups // new_groups
+    out_ch, in_per_group = weight.shape[:2]
+    expanded = weight.new_zeros((out_ch, ratio, in_per_group) + tuple(weight.shape[2:]))
+    fine_group = torch.arange(out_ch, device=weight.device) // (out_ch // groups)
+    expanded[torch.arange(out_ch, device=weight.device), fine_group % ratio] = weight
+    return expanded.reshape((out_ch, ratio * in_per_group) + tuple(weight.shape[2:]))
+
+
+def _grouped_matvec(mat: Tensor, vec: Tensor, groups: int) -> Tensor:
+    """y[o] = Σ_m mat[o, m] vec[group(o) * M/g + m] for a grouped (out, in/g) matrix."""
+    out_ch, in_per_group = mat.shape
+    y = mat.reshape(groups, out_ch // groups, in_per_group) @ vec.reshape(groups, in_per_group, 1)
+    return y.reshape(out_ch)
+
+
+def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
+            dilation: Sequence[int], groups: int) -> ConvState:
+    """The state followed by one convolution (no padding between them)."""
+    ndim = weight.dim() - 2
+    g = math.gcd(state.groups, groups)
+    first = regroup(state.weight, state.groups, g)
+    second = regroup(weight, groups, g)
+    step = tuple(s * d for s, d in zip(state.stride, dilation))
+    k2 = weight.shape[2:]
+    # Full convolution of the kernels, computed as a cross-correlation of the first kernel
+    # (read as a batch of in/g images with `mid` channels) with the flipped second kernel.
+    composed = _CONV_FN[ndim](
+        first.transpose(0, 1), second.flip(list(range(2, 2 + ndim))),
+        padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=g,
+    ).transpose(0, 1)
+    new_bias = _grouped_matvec(second.sum(dim=list(range(2, 2 + ndim))), state.bias, g)
+    if bias is not None:
+        new_bias = new_bias + bias
+    grid = tuple(math.gcd(gr, st) if k > 1 else gr for gr, st, k in zip(state.grid, step, k2))
+    new_stride = tuple(a * b for a, b in zip(state.stride, stride))
+    return ConvState(composed.contiguous(), new_bias, new_stride, g, grid)
+
+
+def fold_batchnorm(state: ConvState, mean: Tensor, var: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, eps: float) -> ConvState:
+    """Fold an eval-mode BatchNorm (its running statistics and its own ``eps``) into the state."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    new_bias = (state.bias - mean) * scale
+    if bias is not None:
+        new_bias = new_bias + bias
+    shape = (-1,) + (1,) * (state.weight.dim() - 1)
+    return ConvState(state.weight * scale.reshape(shape), new_bias, state.stride, state.groups, state.grid)
+
+
+def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> ConvState:
+    """``state + other`` where ``other``'s kernel starts ``offset`` taps into ``state``'s — the
+    identity branch of a residual, already expressed on the run's input."""
+    if state.stride != other.stride:
+        raise ValueError(f"cannot add convolutions with strides {state.stride} and {other.stride}")
+    g = math.gcd(state.groups, other.groups)
+    a = regroup(state.weight, state.groups, g)
+    b = regroup(other.weight, other.groups, g)
+    ndim = a.dim() - 2
+    size = [max(ka, o + kb) for ka, o, kb in zip(a.shape[2:], offset, b.shape[2:])]
+    out = a.new_zeros(tuple(a.shape[:2]) + tuple(size))
+    out[(slice(None), slice(None)) + tuple(slice(0, k) for k in a.shape[2:])] += a
+    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offset, b.shape[2:]))] += b
+    grid = tuple(math.gcd(math.gcd(x, y), o) for x, y, o in zip(state.grid, other.grid, offset))
+    assert len(grid) == ndim
+    return ConvState(out, state.bias + other.bias, state.stride, g, grid)
+
+
+def finalize(state: ConvState) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Weight, bias and dilation of the merged convolution (kernel subsampled by its grid)."""
+    dilation = tuple(g or 1 for g in state.grid)
+    index = (slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)
+    return state.weight[index].contiguous(), state.bias, dilation

@@ -1,0 +1,33 @@
+"""The user-facing entry points: one function per arrow of the data flow (DESIGN.md)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxmerge.passes.analysis import Analysis, BlockLimits, analyze_graph
+from fxmerge.passes.tracing import propagate_shapes, trace
+
+
+def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,
+            leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None,
+            limits: BlockLimits | None = None) -> Analysis:
+    """Trace ``model`` (an ``nn.Module``, a ``torch.compile``d one, or a GraphModule) and find its
+    mergeable chains, droppable activations, identity skips, forced breaks and valid blocks.
+
+    ``example_inputs`` is a tuple of tensors, as for ``torch.export``; shapes come from running
+    them through the traced graph once. ``tracer`` / ``leaf_modules`` / ``concrete_args`` help
+    with models fx cannot trace as they are. ``limits`` bounds the candidate blocks.
+
+    >>> import torch, torchvision, fxmerge
+    >>> a = fxmerge.analyze(torchvision.models.mobilenet_v2(), (torch.randn(1, 3, 64, 64),))
+    >>> a.chains[0].length, len(a.chains[0].droppable)
+    (52, 34)
+    """
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    propagate_shapes(gm, example_inputs)
+    return analyze_graph(gm, limits)

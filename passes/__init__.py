@@ -1,0 +1,1 @@
+"""The three graph passes, installed as ``fxmerge.passes``: analysis, dp and rewrite."""

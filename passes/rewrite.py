@@ -1,0 +1,274 @@
+"""The rewrite pass: ``linearize`` (drop activations, move padding) and ``merge`` (fuse convs).
+
+>>> import torch, torchvision, fxmerge
+>>> model = torchvision.models.mobilenet_v2().eval()
+>>> x = torch.randn(1, 3, 64, 64)
+>>> plan = fxmerge.Plan.drop_all(fxmerge.analyze(model, (x,)))
+>>> trainable = fxmerge.linearize(model, plan)        # fine-tune this one
+>>> deployed = fxmerge.merge(trainable, plan)         # equal to trainable.eval()
+>>> bool((deployed(x) - trainable(x)).abs().max() < 1e-3)
+True
+
+Both passes work on a private deep copy, never on the user's model; activations are dropped by
+rewiring their users (a shared activation module keeps serving its other calls); every output
+is linted and recompiled.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxmerge import algebra
+from fxmerge.algebra import ConvGeometry, Pads
+from fxmerge.errors import PlanMismatchError
+from fxmerge.plan import ChainPlan, Plan
+
+from . import patterns
+from .analysis import layer_geometry
+from .tracing import trace, unwrap
+
+RECORD = "fxmerge"  # key in GraphModule.meta
+_CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _require(nodes: dict[str, fx.Node], name: str, what: str) -> fx.Node:
+    if name not in nodes:
+        raise PlanMismatchError(
+            f"plan built for a different model: node '{name}' ({what}) is not in this graph. "
+            "Build the plan from this model (fxmerge.analyze / fxmerge.plan) or trace it the same way.")
+    return nodes[name]
+
+
+def _check_plan(gm: fx.GraphModule, plan: Plan, nodes: dict[str, fx.Node]) -> None:
+    for ci, chain in enumerate(plan.chains):
+        for p, (conv, pad, bn) in enumerate(chain.layers, start=1):
+            where = f"layer {p} of chain {ci}"
+            node = _require(nodes, conv, f"conv of {where}")
+            if patterns.conv_call(gm, node)[0] is None:
+                raise PlanMismatchError(f"plan built for a different model: '{conv}' ({where}) is no mergeable conv here")
+            for name, what in ((pad, "pad"), (bn, "BatchNorm")):
+                if name is not None:
+                    _require(nodes, name, f"{what} of {where}")
+        for p, act in chain.activations.items():
+            _require(nodes, act, f"activation at position {p} of chain {ci}")
+        for s, t, add in chain.skips:
+            _require(nodes, add, f"residual add ({s}, {t}) of chain {ci}")
+
+
+def _set_conv_padding(gm: fx.GraphModule, conv: fx.Node, padding: tuple[int, ...]) -> None:
+    if conv.op == "call_module":
+        gm.get_submodule(conv.target).padding = padding
+    elif len(conv.args) > 4:
+        conv.args = conv.args[:4] + (padding,) + conv.args[5:]
+    else:
+        conv.kwargs = {**conv.kwargs, "padding": padding}
+
+
+def _insert_pad(graph: fx.Graph, before: fx.Node, source: fx.Node, padding: Pads, name: str) -> fx.Node:
+    with graph.inserting_before(before):
+        return graph.create_node("call_function", F.pad, (source, algebra.flat_pad(padding)), name=name)
+
+
+def _geometries(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: Sequence[tuple]) -> list[ConvGeometry]:
+    return [layer_geometry(gm, nodes[conv], nodes[pad] if pad else None) for conv, pad, _ in layers]
+
+
+def _is_linearized(gm: Any) -> bool:
+    return isinstance(gm, fx.GraphModule) and "segments" in gm.meta.get(RECORD, {})
+
+
+# --------------------------------------------------------------------------- linearize
+
+
+def linearize(model: nn.Module, plan: Plan, **trace_kwargs: Any) -> fx.GraphModule:
+    """The model with the plan's activations dropped and each multi-layer segment's padding
+    moved to its first layer (skip inputs padded or cropped to match). BatchNorm stays, so the
+    result trains; ``merge(result, plan)`` equals it in eval mode up to float error.
+
+    ``trace_kwargs`` (``tracer``, ``leaf_modules``, ``concrete_args``) go to the tracer.
+    """
+    model = unwrap(model)
+    if _is_linearized(model):
+        if model.meta[RECORD]["plan"] != plan.fingerprint():
+            raise PlanMismatchError("this model was linearized with a different plan; linearize the original model")
+        return copy.deepcopy(model)
+    gm = trace(model, **trace_kwargs)
+    nodes = _nodes(gm)
+    _check_plan(gm, plan, nodes)
+    segments = []
+    for chain in plan.chains:
+        geometries = _geometries(gm, nodes, chain.layers)
+        for p in chain.dropped:
+            act = nodes.pop(chain.activations[p])
+            act.replace_all_uses_with(act.args[0])
+            gm.graph.erase_node(act)
+        for a, b in chain.segments():
+            segments.append(_linearize_segment(gm, nodes, chain, a, b, geometries[a:b]))
+    gm.meta[RECORD] = {"plan": plan.fingerprint(), "segments": segments}
+    return _finish(gm)
+
+
+def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ChainPlan, a: int, b: int,
+                       geoms: list[ConvGeometry]) -> dict:
+    layers = [list(l) for l in chain.layers[a:b]]
+    skips = [(s - a, t - a, add) for s, t, add in chain.skips if a <= s and t <= b]
+    offsets = algebra.skip_offsets(geoms, [(s, t) for s, t, _ in skips])
+    if b - a > 1:
+        _move_padding(gm, nodes, layers, geoms, skips)
+    last_conv, _, last_bn = chain.layers[b - 1]
+    end = next((add for _, t, add in skips if t == b - a), last_bn or last_conv)
+    return {
+        "layers": layers,
+        "skips": [[s, t, add, list(offsets[t][1])] for s, t, add in skips],
+        "end": end,
+    }
+
+
+def _move_padding(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[list], geoms: list[ConvGeometry],
+                  skips: list[tuple[int, int, str]]) -> None:
+    """Put the whole segment's padding in front of its first conv and re-align skip inputs."""
+    graph, ndim = gm.graph, geoms[0].ndim
+    for layer in layers:
+        conv, pad = nodes[layer[0]], layer[1]
+        if pad is not None:
+            pad_node = nodes.pop(pad)
+            pad_node.replace_all_uses_with(pad_node.args[0])
+            graph.erase_node(pad_node)
+            layer[1] = None
+        _set_conv_padding(gm, conv, (0,) * ndim)
+    enlargement = algebra.padding_enlargement(geoms)
+    front, first = enlargement[0], nodes[layers[0][0]]
+    if algebra.is_symmetric(front):
+        _set_conv_padding(gm, first, tuple(lo for lo, _ in front))
+    elif any(lo or hi for lo, hi in front):
+        pad_node = _insert_pad(graph, first, first.args[0], front, f"fxmerge_pad_{first.name}")
+        first.replace_input_with(first.args[0], pad_node)
+        nodes[pad_node.name] = pad_node
+        layers[0][1] = pad_node.name
+    for s, t, add_name in skips:
+        add = nodes[add_name]
+        source_enl = enlargement[s] if s > 0 else ((0, 0),) * ndim  # x_a itself is not padded
+        adjust = tuple((et[0] - es[0], et[1] - es[1]) for et, es in zip(enlargement[t], source_enl))
+        if all(lo == 0 and hi == 0 for lo, hi in adjust):
+            continue
+        conv, _, bn = layers[t - 1]
+        main = nodes[bn or conv]
+        operands = patterns.add_operands(add)
+        source = operands[1] if operands[0] is main else operands[0]
+        pad_node = _insert_pad(graph, add, source, adjust, f"fxmerge_align_{add.name}")
+        add.replace_input_with(source, pad_node)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge(model: nn.Module, plan: Plan, **trace_kwargs: Any) -> fx.GraphModule:
+    """One convolution per planned segment: BatchNorm folded (with its own ``eps``), nested
+    identity skips fused into the kernel, biases composed.
+
+    ``model`` is the original model or the (possibly fine-tuned) output of
+    :func:`linearize` with the same plan; the result equals ``linearize(model, plan)`` in eval
+    mode up to float error. The plan is kept in ``result.meta['fxmerge']['plan_json']``.
+    """
+    model = unwrap(model)
+    gm = linearize(model, plan, **trace_kwargs)
+    nodes = _nodes(gm)
+    for segment in gm.meta[RECORD]["segments"]:
+        _merge_segment(gm, nodes, segment)
+    gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True, "plan_json": plan.to_dict()}
+    return _finish(gm)
+
+
+@torch.no_grad()
+def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> algebra.ConvState:
+    skips = {t: (s, tuple(offset)) for s, t, _, offset in segment["skips"]}
+    states: dict[int, algebra.ConvState] = {}
+    state = None
+    for p, (conv, _, bn) in enumerate(segment["layers"], start=1):
+        call = patterns.conv_call(gm, nodes[conv])[0]
+        weight = patterns.get_tensor(gm, call.weight_target)
+        if state is None:
+            state = algebra.identity_state(call.geometry.in_channels, call.geometry.ndim,
+                                           dtype=weight.dtype, device=weight.device)
+            states[0] = state
+        g = call.geometry
+        state = algebra.compose(state, weight, patterns.get_tensor(gm, call.bias_target), g.stride, g.dilation, g.groups)
+        if bn is not None:
+            bc = patterns.batchnorm_call(gm, nodes[bn])
+            state = algebra.fold_batchnorm(state, *(patterns.get_tensor(gm, t) for t in (bc.mean, bc.var, bc.weight, bc.bias)), bc.eps)
+        if p in skips:
+            s, offset = skips[p]
+            state = algebra.add_shifted(state, states[s], offset)
+        states[p] = state
+    return state
+
+
+def _merged_module(weight: torch.Tensor, bias: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+                   dilation: tuple[int, ...], groups: int) -> nn.Module:
+    ndim = weight.dim() - 2
+    conv = _CONV_MODULE[ndim](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
+                              padding=padding, dilation=dilation, groups=groups, bias=True,
+                              device=weight.device, dtype=weight.dtype)
+    conv.weight = nn.Parameter(weight.clone())
+    conv.bias = nn.Parameter(bias.clone())
+    return conv
+
+
+def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> None:
+    layers = segment["layers"]
+    first = nodes[layers[0][0]]
+    state = _merged_state(gm, nodes, segment)
+    weight, bias, dilation = algebra.finalize(state)
+    geom = patterns.conv_call(gm, first)[0].geometry  # its padding is the whole segment's
+    source, padding = first.args[0], tuple(lo for lo, _ in geom.padding)
+    end = nodes[segment["end"]]
+    if not algebra.is_symmetric(geom.padding):  # e.g. padding="same" with an even kernel
+        source = _insert_pad(gm.graph, end, source, geom.padding, f"fxmerge_pad_{first.name}_merged")
+        padding = (0,) * geom.ndim
+    name = _module_name(gm, layers)
+    gm.add_submodule(name, _merged_module(weight, bias, state.stride, padding, dilation, state.groups))
+    with gm.graph.inserting_before(end):
+        merged = gm.graph.create_node("call_module", name, (source,), name=name)
+    end.replace_all_uses_with(merged)
+    _erase_dead(gm.graph, end, keep=merged.args[0], nodes=nodes)
+
+
+def _module_name(gm: fx.GraphModule, layers: list) -> str:
+    first, last = layers[0][0], layers[-1][0]
+    base = f"folded__{first}" if first == last else f"merged__{first}__to__{last}"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _erase_dead(graph: fx.Graph, start: fx.Node, keep: fx.Node, nodes: dict[str, fx.Node]) -> None:
+    """Erase ``start`` and everything upstream of it that only it used, stopping at ``keep``."""
+    work = [start]
+    while work:
+        node = work.pop()
+        if node is keep or node.users or node.op in ("placeholder", "output") or node.name not in nodes:
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        del nodes[node.name]
+        work.extend(inputs)
