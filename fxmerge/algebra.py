@@ -5,7 +5,7 @@ Everything here works on plain tensors and integers, for 1-, 2- and 3-d convolut
 * :class:`ConvGeometry` and :func:`merged_geometry` — shape arithmetic of a merged run;
 * :func:`padding_enlargement` / :func:`skip_offsets` — where padding goes once it is moved to
   the front of a run, and where identity skips land in the merged kernel;
-* :class:`ConvState` with :func:`compose`, :func:`fold_batchnorm`, :func:`add_shifted` and
+* :class:`ConvState` with :func:`fold_batchnorm`, :func:`compose`, :func:`add_shifted` and
   :func:`finalize` — the weights of the merged convolution.
 
 Conventions. A run of layers 1..n without padding between them is one convolution: with
@@ -211,36 +211,51 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
             dilation: Sequence[int], groups: int) -> ConvState:
     """The state followed by one convolution (no padding between them)."""
     ndim = weight.dim() - 2
+    k2 = tuple(weight.shape[2:])
+    step = tuple(s * d for s, d in zip(state.stride, dilation))
+    grid = tuple(math.gcd(gr, st) if k > 1 else gr for gr, st, k in zip(state.grid, step, k2))
+    new_stride = tuple(a * b for a, b in zip(state.stride, stride))
+    if _is_identity(state):  # the segment's first layer: nothing to compose with
+        new_bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
+        return ConvState(weight.clone(), new_bias, new_stride, groups, grid)
     g = math.gcd(state.groups, groups)
     first = regroup(state.weight, state.groups, g)
     second = regroup(weight, groups, g)
-    step = tuple(s * d for s, d in zip(state.stride, dilation))
-    k2 = weight.shape[2:]
-    # Full convolution of the kernels, computed as a cross-correlation of the first kernel
-    # (read as a batch of in/g images with `mid` channels) with the flipped second kernel.
-    composed = _CONV_FN[ndim](
-        first.transpose(0, 1), second.flip(list(range(2, 2 + ndim))),
-        padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=g,
-    ).transpose(0, 1)
+    if all(k == 1 for k in k2):  # pointwise: a grouped matrix product is much cheaper
+        mid, out_ch = first.shape[0], second.shape[0]
+        lhs = second.reshape(g, out_ch // g, mid // g)
+        rhs = first.reshape(g, mid // g, -1)
+        composed = (lhs @ rhs).reshape((out_ch,) + tuple(first.shape[1:]))
+    else:
+        # Full convolution of the kernels, computed as a cross-correlation of the first kernel
+        # (read as a batch of in/g images with `mid` channels) with the flipped second kernel.
+        composed = _CONV_FN[ndim](
+            first.transpose(0, 1), second.flip(list(range(2, 2 + ndim))),
+            padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=g,
+        ).transpose(0, 1)
     new_bias = _grouped_matvec(second.sum(dim=list(range(2, 2 + ndim))), state.bias, g)
     if bias is not None:
         new_bias = new_bias + bias
-    grid = tuple(math.gcd(gr, st) if k > 1 else gr for gr, st, k in zip(state.grid, step, k2))
-    new_stride = tuple(a * b for a, b in zip(state.stride, stride))
-    return ConvState(composed.contiguous(), new_bias, new_stride, g, grid)
+    return ConvState(composed, new_bias, new_stride, g, grid)
 
 
-def fold_batchnorm(state: ConvState, mean: Tensor, var: Tensor, weight: Tensor | None,
-                   bias: Tensor | None, eps: float) -> ConvState:
-    """Fold an eval-mode BatchNorm (its running statistics and its own ``eps``) into the state."""
+def _is_identity(state: ConvState) -> bool:
+    return (state.groups == state.weight.shape[0] and state.weight.numel() == state.weight.shape[0]
+            and all(s == 1 for s in state.stride) and bool((state.weight == 1).all()) and not state.bias.any())
+
+
+def fold_batchnorm(weight: Tensor, bias: Tensor | None, mean: Tensor, var: Tensor, gamma: Tensor | None,
+                   beta: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """A conv's weight and bias with the eval-mode BatchNorm after it folded in (its running
+    statistics and its own ``eps``). Folding into the layer before composing is cheaper than
+    scaling the accumulated kernel."""
     scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    new_bias = (state.bias - mean) * scale
-    if bias is not None:
-        new_bias = new_bias + bias
-    shape = (-1,) + (1,) * (state.weight.dim() - 1)
-    return ConvState(state.weight * scale.reshape(shape), new_bias, state.stride, state.groups, state.grid)
+    if gamma is not None:
+        scale = scale * gamma
+    new_bias = ((bias if bias is not None else 0) - mean) * scale
+    if beta is not None:
+        new_bias = new_bias + beta
+    return weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1)), new_bias
 
 
 def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> ConvState:
@@ -253,8 +268,13 @@ def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> Co
     b = regroup(other.weight, other.groups, g)
     ndim = a.dim() - 2
     size = [max(ka, o + kb) for ka, o, kb in zip(a.shape[2:], offset, b.shape[2:])]
-    out = a.new_zeros(tuple(a.shape[:2]) + tuple(size))
-    out[(slice(None), slice(None)) + tuple(slice(0, k) for k in a.shape[2:])] += a
+    if list(a.shape[2:]) == size and a is not state.weight:
+        out = a  # a fresh regrouped copy: add in place
+    elif list(a.shape[2:]) == size:
+        out = a.clone()
+    else:
+        out = a.new_zeros(tuple(a.shape[:2]) + tuple(size))
+        out[(slice(None), slice(None)) + tuple(slice(0, k) for k in a.shape[2:])] += a
     out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offset, b.shape[2:]))] += b
     grid = tuple(math.gcd(math.gcd(x, y), o) for x, y, o in zip(state.grid, other.grid, offset))
     assert len(grid) == ndim
@@ -264,5 +284,7 @@ def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> Co
 def finalize(state: ConvState) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """Weight, bias and dilation of the merged convolution (kernel subsampled by its grid)."""
     dilation = tuple(g or 1 for g in state.grid)
+    if all(d == 1 for d in dilation):
+        return state.weight.contiguous(), state.bias, dilation
     index = (slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)
     return state.weight[index].contiguous(), state.bias, dilation

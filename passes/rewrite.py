@@ -210,11 +210,11 @@ def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) 
             state = algebra.identity_state(call.geometry.in_channels, call.geometry.ndim,
                                            dtype=weight.dtype, device=weight.device)
             states[0] = state
-        g = call.geometry
-        state = algebra.compose(state, weight, patterns.get_tensor(gm, call.bias_target), g.stride, g.dilation, g.groups)
+        g, bias = call.geometry, patterns.get_tensor(gm, call.bias_target)
         if bn is not None:
             bc = patterns.batchnorm_call(gm, nodes[bn])
-            state = algebra.fold_batchnorm(state, *(patterns.get_tensor(gm, t) for t in (bc.mean, bc.var, bc.weight, bc.bias)), bc.eps)
+            weight, bias = algebra.fold_batchnorm(weight, bias, *(patterns.get_tensor(gm, t) for t in (bc.mean, bc.var, bc.weight, bc.bias)), bc.eps)
+        state = algebra.compose(state, weight, bias, g.stride, g.dilation, g.groups)
         if p in skips:
             s, offset = skips[p]
             state = algebra.add_shifted(state, states[s], offset)
@@ -225,11 +225,12 @@ def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) 
 def _merged_module(weight: torch.Tensor, bias: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
                    dilation: tuple[int, ...], groups: int) -> nn.Module:
     ndim = weight.dim() - 2
-    conv = _CONV_MODULE[ndim](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
-                              padding=padding, dilation=dilation, groups=groups, bias=True,
+    # skip_init: the random initialisation would be overwritten anyway and costs real time
+    conv = nn.utils.skip_init(_CONV_MODULE[ndim], weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                              stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True,
                               device=weight.device, dtype=weight.dtype)
-    conv.weight = nn.Parameter(weight.clone())
-    conv.bias = nn.Parameter(bias.clone())
+    conv.weight = nn.Parameter(weight)
+    conv.bias = nn.Parameter(bias)
     return conv
 
 
