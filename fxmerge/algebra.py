@@ -217,7 +217,7 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     new_stride = tuple(a * b for a, b in zip(state.stride, stride))
     if _is_identity(state):  # the segment's first layer: nothing to compose with
         new_bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
-        return ConvState(weight.clone(), new_bias, new_stride, groups, grid)
+        return ConvState(_dilate(weight, dilation), new_bias, new_stride, groups, grid)
     g = math.gcd(state.groups, groups)
     first = regroup(state.weight, state.groups, g)
     second = regroup(weight, groups, g)
@@ -237,6 +237,16 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     if bias is not None:
         new_bias = new_bias + bias
     return ConvState(composed, new_bias, new_stride, g, grid)
+
+
+def _dilate(weight: Tensor, dilation: Sequence[int]) -> Tensor:
+    """A copy of the kernel on the dilation-1 grid (zeros between the taps)."""
+    if all(d == 1 for d in dilation):
+        return weight.clone()
+    size = tuple(d * (k - 1) + 1 for k, d in zip(weight.shape[2:], dilation))
+    out = weight.new_zeros(tuple(weight.shape[:2]) + size)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = weight
+    return out
 
 
 def _is_identity(state: ConvState) -> bool:
