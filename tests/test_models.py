@@ -86,3 +86,8 @@ def test_pretrained_efficientnet_lite0(efficientnet_lite0):
     assert len(chain.droppable) >= 30
     assert count_convs(res.merged["drop_all"]) < count_convs(res.linearized["drop_all"])
     check_exact(efficientnet_lite0, (x[:1, :, :48, :48],), dtype=torch.float64, plans=("drop_all",), finetune=False)
+    merged = res.merged["drop_all"]
+    with torch.no_grad():
+        ref = merged(x)
+        torch.testing.assert_close(torch.compile(merged, backend="aot_eager")(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.export(merged, (x,)).module()(x), ref, rtol=1e-5, atol=1e-5)

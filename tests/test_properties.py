@@ -1,0 +1,78 @@
+"""Property-based: random conv runs (kernel 1-5, stride 1-2, dilation 1-2, groups, padding,
+BN or not, identity residuals) always merge to exactly their linearized graph."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from conftest import check_exact
+
+CHANNELS = 4
+
+
+class RandomRun(nn.Module):
+    def __init__(self, specs, residuals):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.bns = nn.ModuleList()
+        self.residuals = residuals
+        for k, s, d, g, p, bn, bias in specs:
+            self.convs.append(nn.Conv2d(CHANNELS, CHANNELS, k, s, p, dilation=d, groups=g, bias=bias))
+            self.bns.append(nn.BatchNorm2d(CHANNELS) if bn else nn.Identity())
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        saved = {}
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            saved[i] = x
+            y = conv(x)
+            y = bn(y) if not isinstance(bn, nn.Identity) else y
+            src = self.residuals.get(i)
+            x = self.act(y + saved[src] if src is not None else y)
+        return x
+
+
+@st.composite
+def runs(draw):
+    n = draw(st.integers(1, 4))
+    specs, residuals = [], {}
+    for i in range(n):
+        k = draw(st.integers(1, 5))
+        d = draw(st.integers(1, 2))
+        g = draw(st.sampled_from([1, 2, 4]))
+        strided = draw(st.booleans()) and draw(st.booleans())
+        if strided:
+            s, p = 2, draw(st.integers(0, (d * (k - 1)) // 2))
+        elif (d * (k - 1)) % 2 == 0:
+            s, p = 1, d * (k - 1) // 2  # "same" size, so identity residuals can span it
+        else:
+            s, p = 1, draw(st.integers(0, 2))
+        specs.append((k, s, d, g, p, draw(st.booleans()), draw(st.booleans())))
+    # an identity residual over a same-size, stride-1 span ending at layer j, starting at i
+    for j in range(n):
+        for i in range(j + 1):
+            same = all(specs[l][1] == 1 and 2 * specs[l][4] == specs[l][2] * (specs[l][0] - 1) for l in range(i, j + 1))
+            if same and draw(st.booleans()) and draw(st.booleans()):
+                residuals[j] = i
+                break
+    size = draw(st.integers(9, 14))
+    return specs, residuals, size
+
+
+@settings(max_examples=60, deadline=None)
+@given(runs())
+def test_random_conv_runs_merge_exactly(run):
+    specs, residuals, size = run
+    torch.manual_seed(len(specs) * 7 + size)
+    model = RandomRun(specs, residuals).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, CHANNELS, size, size + 1)
+    res = check_exact(model, (x,), dtype=torch.float64)
+    assert len(res.analysis.chains[0].skips) == len(residuals)
