@@ -218,22 +218,24 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     if _is_identity(state):  # the segment's first layer: nothing to compose with
         new_bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
         return ConvState(_dilate(weight, dilation), new_bias, new_stride, groups, grid)
+    # The result has the coarser grouping g; only the state needs re-expressing in it. The
+    # layer keeps its own (finer) groups: each of its groups lies inside one of the state's,
+    # so a grouped product is exact and a depthwise layer costs what a depthwise conv costs.
     g = math.gcd(state.groups, groups)
     first = regroup(state.weight, state.groups, g)
-    second = regroup(weight, groups, g)
     if all(k == 1 for k in k2):  # pointwise: a grouped matrix product is much cheaper
-        mid, out_ch = first.shape[0], second.shape[0]
-        lhs = second.reshape(g, out_ch // g, mid // g)
-        rhs = first.reshape(g, mid // g, -1)
+        mid, out_ch = first.shape[0], weight.shape[0]
+        lhs = weight.reshape(groups, out_ch // groups, mid // groups)
+        rhs = first.reshape(groups, mid // groups, -1)
         composed = (lhs @ rhs).reshape((out_ch,) + tuple(first.shape[1:]))
     else:
         # Full convolution of the kernels, computed as a cross-correlation of the first kernel
         # (read as a batch of in/g images with `mid` channels) with the flipped second kernel.
         composed = _CONV_FN[ndim](
-            first.transpose(0, 1), second.flip(list(range(2, 2 + ndim))),
-            padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=g,
+            first.transpose(0, 1), weight.flip(list(range(2, 2 + ndim))),
+            padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=groups,
         ).transpose(0, 1)
-    new_bias = _grouped_matvec(second.sum(dim=list(range(2, 2 + ndim))), state.bias, g)
+    new_bias = _grouped_matvec(weight.sum(dim=list(range(2, 2 + ndim))), state.bias, groups)
     if bias is not None:
         new_bias = new_bias + bias
     return ConvState(composed, new_bias, new_stride, g, grid)

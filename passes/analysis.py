@@ -13,6 +13,7 @@ is layers i+1..j merged into one conv.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,16 +30,22 @@ from .tracing import shape_of
 class BlockLimits:
     """Which multi-layer blocks are worth considering (single layers are always valid).
 
-    Deep chains have O(L²) blocks and the long ones have huge kernels, which only slow the
-    latency table down. A block of two or more layers is a candidate only when, in every
-    spatial dimension, its merged kernel is at most ``max_kernel`` and at most
-    ``max_kernel_ratio`` times the size of the block's input map.
+    Deep chains have O(L²) blocks and the long ones have absurd kernels, which only slow the
+    latency table and the merge down. A block of two or more layers is a candidate only when,
+    in every spatial dimension, its merged kernel spans at most ``max_kernel`` pixels and at
+    most ``max_kernel_ratio`` times the block's input map, and when the merged conv needs at
+    most ``max_macs_ratio`` times the multiply-adds of the layers it replaces (None turns a
+    limit off). The paper's MobileNetV2 candidate set needs up to 33x the MACs (a 384->576
+    7x7 conv); the default keeps all of it but its four most expensive blocks, and
+    ``BlockLimits(max_macs_ratio=None)`` keeps every one.
     """
 
     max_kernel: int = 15
     max_kernel_ratio: float = 1.5
+    max_macs_ratio: float | None = 12.0
 
-    def allows(self, spec: ConvGeometry, input_shape: Sequence[int] | None) -> bool:
+    def allows(self, spec: ConvGeometry, layers: Sequence["Layer"]) -> bool:
+        input_shape = layers[0].input_shape
         spatial = list(input_shape[2:]) if input_shape is not None else [None] * spec.ndim
         for k, d, size in zip(spec.kernel, spec.dilation, spatial):
             extent = d * (k - 1) + 1
@@ -46,7 +53,15 @@ class BlockLimits:
                 return False
             if size is not None and extent > self.max_kernel_ratio * size:
                 return False
+        if self.max_macs_ratio is not None and all(l.output_shape for l in layers):
+            merged = conv_macs(spec, layers[-1].output_shape)
+            return merged <= self.max_macs_ratio * sum(conv_macs(l.geometry, l.output_shape) for l in layers)
         return True
+
+
+def conv_macs(geometry: ConvGeometry, output_shape: Sequence[int]) -> int:
+    """Multiply-adds of one convolution producing ``output_shape`` (batch included)."""
+    return (math.prod(output_shape) * geometry.in_channels // geometry.groups) * math.prod(geometry.kernel)
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,8 @@ class Analysis:
         head = (f"fxmerge analysis: {len(self.chains)} chains, {self.num_layers} layers, "
                 f"{sum(len(c.droppable) for c in self.chains)} droppable activations, "
                 f"{sum(len(c.valid_blocks) for c in self.chains)} valid blocks "
-                f"(limits: kernel <= {self.limits.max_kernel}, <= {self.limits.max_kernel_ratio}x input)")
+                f"(limits: kernel <= {self.limits.max_kernel} and <= {self.limits.max_kernel_ratio}x input, "
+                f"MACs <= {self.limits.max_macs_ratio}x)")
         extra = ""
         if self.unmergeable:
             extra = "\nconvs left alone:\n" + "\n".join(f"  {k}: {v}" for k, v in self.unmergeable.items())
@@ -334,7 +350,7 @@ def _add_blocks(chain: Chain, limits: BlockLimits) -> None:
                 continue
             geoms = [layer.geometry for layer in chain.layers[i:j]]
             spec = merged_geometry(geoms, block_skips(i, j, skips))
-            if j - i > 1 and not limits.allows(spec, chain.input_shapes[i]):
+            if j - i > 1 and not limits.allows(spec, chain.layers[i:j]):
                 continue
             chain.valid_blocks.append((i, j))
             chain.specs[(i, j)] = spec

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxmerge.errors import TraceFailedError
+from fxmerge.errors import FxMergeError, TraceFailedError
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -94,6 +94,10 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise FxMergeError(f"running the example inputs {shapes} through the traced model failed: {exc}. "
+                           "Pass inputs the model accepts, as a tuple (like torch.export).") from exc
     finally:
         gm.train(was_training)
 

@@ -58,6 +58,22 @@ def test_mobilenet_v2_structure_matches_the_paper():
     assert len(chain.droppable) == 34  # the paper's 33 plus the stem's ReLU6 (its position 0)
 
 
+def test_mobilenet_v2_candidates_include_the_papers_valid_blocks():
+    """Our valid blocks generalise METHOD.md §3: every block of the published table is one."""
+    import csv
+    from pathlib import Path
+
+    table = Path(__file__).resolve().parents[2] / "shared/reference/kim2023_tables/mbv2_1.0/time_fish_gpu1_1228.csv"
+    if not table.exists():
+        pytest.skip("shared/ reference tables not beside the checkout")
+    paper = [(int(r["st"]) + 1, int(r["end"]) + 1) for r in csv.DictReader(table.open())]  # +1: our stem conv
+    model, x = torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 224, 224)
+    full = fxmerge.analyze(model, (x,), limits=fxmerge.BlockLimits(max_macs_ratio=None)).chains[0]
+    assert len(paper) == 171 and set(paper) <= set(full.valid_blocks)
+    default = fxmerge.analyze(model, (x,)).chains[0]
+    assert len(set(paper) - set(default.valid_blocks)) == 4  # only the >12x-MACs monsters go
+
+
 def test_mobilenet_v2_float64_exact():
     model = randomize(torchvision.models.mobilenet_v2()).eval()
     check_exact(model, (torch.randn(1, 3, 32, 32),), dtype=torch.float64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from conftest import check_exact
 
@@ -56,7 +56,7 @@ def runs(draw):
             if same and draw(st.booleans()) and draw(st.booleans()):
                 residuals[j] = i
                 break
-    size = draw(st.integers(9, 14))
+    size = draw(st.integers(9, 16))
     return specs, residuals, size
 
 
@@ -74,5 +74,9 @@ def test_random_conv_runs_merge_exactly(run):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, CHANNELS, size, size + 1)
+    try:
+        model(x)
+    except RuntimeError:  # strides shrank the map below a kernel: not a valid model
+        assume(False)
     res = check_exact(model, (x,), dtype=torch.float64)
     assert len(res.analysis.chains[0].skips) == len(residuals)

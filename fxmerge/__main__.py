@@ -1,0 +1,5 @@
+import sys
+
+from fxmerge.cli import main
+
+sys.exit(main())
