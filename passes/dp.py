@@ -1,11 +1,15 @@
-"""The DP pass: pure functions over plain mappings, importing nothing from torch, so they run on
-any published latency table (``python passes/dp.py`` works without fxmerge installed).
+"""The DP pass: pure functions over plain mappings, importing nothing from torch (only numpy),
+so they run on any published latency table; the file also loads on its own, without fxmerge.
 
 Positions are integers 0..L; a block ``(i, j)`` is layers i+1..j merged into one convolution.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
 
 Block = tuple[int, int]
 
@@ -37,3 +41,159 @@ def optimal_merge_times(times: Mapping[Block, float]) -> tuple[dict[Block, float
             if best is not None:
                 topt[(i, j)], breaks[(i, j)] = best, best_breaks
     return topt, breaks
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+class InfeasibleBudget(ValueError):
+    """No selection fits the budget; ``smallest`` is the least budget that has one."""
+
+    def __init__(self, budget: float, smallest: float):
+        self.budget, self.smallest = budget, smallest
+        super().__init__(f"no selection fits the budget {budget:.6g}; the smallest feasible budget is "
+                         f"{smallest:.6g} (every segment's cost rounded up to the resolution)")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One solution: kept positions (interior), merge boundaries (interior, ⊇ kept), its
+    latency (the unrounded sum of segment and kept-position costs) and its importance."""
+
+    kept: tuple[int, ...]
+    boundaries: tuple[int, ...]
+    latency: float
+    importance: float
+
+
+class _Problem:
+    """Stage-2 inputs on an integer cost grid, shared by :func:`select` and :func:`frontier`."""
+
+    def __init__(self, times, importance, length, candidates, position_costs, resolution, max_budget):
+        self.topt, self.breaks = optimal_merge_times(times)
+        self.length = length
+        inner = range(1, length) if candidates is None else sorted(set(candidates))
+        self.points = [0] + [p for p in inner if 0 < p < length] + [length]
+        costs = position_costs or {}
+        # A segment (i, j] between consecutive kept positions costs its cheapest cover plus
+        # the cost of keeping j (0 and `length` always act as kept and cost nothing here).
+        self.pairs: list[tuple[int, int, float, float]] = []
+        for jx, j in enumerate(self.points):
+            for i in self.points[:jx]:
+                if (i, j) in self.topt and (i, j) in importance:
+                    cost = self.topt[(i, j)] + (costs.get(j, 0.0) if j != length else 0.0)
+                    self.pairs.append((i, j, cost, float(importance[(i, j)])))
+        if resolution is None:
+            scale = max_budget if max_budget else max((c for *_, c, _ in self.pairs), default=1.0)
+            resolution = scale / 1000 or 1.0
+        self.resolution = resolution
+        self.unit = {(i, j): math.ceil(c / resolution - 1e-9) for i, j, c, _ in self.pairs}
+
+    def solve(self, budget_units: int):
+        """D[p][t]: best importance of a kept chain 0..p with rounded cost <= t; parents."""
+        idx = {p: k for k, p in enumerate(self.points)}
+        width = budget_units + 1
+        best = np.full((len(self.points), width), -np.inf)
+        parent = np.full((len(self.points), width), -1, dtype=np.int64)
+        best[0, :] = 0.0
+        for i, j, _, imp in self.pairs:  # pairs are ordered by end, so every D[i] is final
+            c = self.unit[(i, j)]
+            if c >= width:
+                continue
+            cand = best[idx[i], : width - c] + imp
+            row, prow = best[idx[j], c:], parent[idx[j], c:]
+            finite = np.isfinite(row)
+            threshold = np.where(finite, row + _TOL * (1.0 + np.abs(np.where(finite, row, 0.0))), -np.inf)
+            better = np.isfinite(cand) & (cand > threshold)
+            row[better], prow[better] = cand[better], i
+        return best[idx[self.length]], parent, idx
+
+    def backtrack(self, parent, idx, t: int) -> Selection:
+        kept, p, boundaries = [], self.length, set()
+        latency = importance = 0.0
+        costs = {(i, j): (c, imp) for i, j, c, imp in self.pairs}
+        while p != 0:
+            i = int(parent[idx[p], t])
+            c, imp = costs[(i, p)]
+            latency, importance = latency + c, importance + imp
+            boundaries.update(self.breaks[(i, p)])
+            t -= self.unit[(i, p)]
+            if i != 0:
+                kept.append(i)
+            p = i
+        return Selection(tuple(sorted(kept)), tuple(sorted(boundaries - {0, self.length})), latency, importance)
+
+    def best_unconstrained_latency(self) -> float:
+        """Latency of the most important selection (ties: the cheaper one), ignoring budgets."""
+        best: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
+        for i, j, c, imp in self.pairs:
+            if i not in best:
+                continue
+            cand = (best[i][0] + imp, best[i][1] + c)
+            old = best.get(j)
+            if old is None or cand[0] > old[0] + _TOL * (1 + abs(old[0])) or (
+                    abs(cand[0] - old[0]) <= _TOL * (1 + abs(old[0])) and cand[1] < old[1]):
+                best[j] = cand
+        if self.length not in best:
+            raise ValueError(f"no chain of allowed pairs covers positions 0..{self.length}")
+        return best[self.length][1]
+
+    def cheapest_units(self) -> int | None:
+        """The least rounded cost of any complete selection (None if there is none)."""
+        least = {0: 0}
+        for i, j, _, _ in self.pairs:
+            if i in least:
+                cand = least[i] + self.unit[(i, j)]
+                if cand < least.get(j, cand + 1):
+                    least[j] = cand
+        return least.get(self.length)
+
+
+_TOL = 1e-9
+
+
+def select(times: Mapping[Block, float], importance: Mapping[Block, float], length: int, budget: float, *,
+           candidates: Iterable[int] | None = None, position_costs: Mapping[int, float] | None = None,
+           resolution: float | None = None) -> Selection:
+    """Stage 2: which positions keep their activation, under a latency budget.
+
+    Maximises the summed ``importance[(i, j)]`` of consecutive kept positions (0 and
+    ``length`` always act as kept; only ``candidates`` may be kept, default all; a pair absent
+    from ``importance`` may not be consecutive) subject to the summed cheapest-cover latency of
+    the segments plus ``position_costs`` of kept positions, each segment's cost rounded *up* to
+    ``resolution`` (default budget / 1000), being at most ``budget``. Exactly optimal, ties to
+    the lower latency, when the costs lie on the resolution grid; never over budget. Raises
+    :class:`InfeasibleBudget` with the smallest feasible budget.
+    """
+    problem = _Problem(times, importance, length, candidates, position_costs, resolution, budget)
+    units = math.floor(budget / problem.resolution + 1e-9)
+    least = problem.cheapest_units()
+    if least is None:
+        raise ValueError(f"no chain of allowed pairs covers positions 0..{length}")
+    if least > units:
+        raise InfeasibleBudget(budget, least * problem.resolution)
+    best, parent, idx = problem.solve(units)
+    top = best[units]
+    t = int(np.argmax(best >= top - _TOL * (1.0 + abs(top))))  # least budget reaching the optimum
+    return problem.backtrack(parent, idx, t)
+
+
+def frontier(times: Mapping[Block, float], importance: Mapping[Block, float], length: int, *,
+             candidates: Iterable[int] | None = None, position_costs: Mapping[int, float] | None = None,
+             resolution: float | None = None, max_budget: float | None = None) -> list[Selection]:
+    """The Pareto frontier of (latency, importance) from one vectorised solve: for every
+    budget up to ``max_budget`` (default: the latency of the best unconstrained selection),
+    the selection :func:`select` would return, without repeats, cheapest first."""
+    if max_budget is None:
+        unconstrained = _Problem(times, importance, length, candidates, position_costs, 1.0, None)
+        max_budget = unconstrained.best_unconstrained_latency()
+    problem = _Problem(times, importance, length, candidates, position_costs, resolution, max_budget)
+    # slack of one unit per segment, so the unconstrained optimum survives the rounding up
+    units = math.ceil(max_budget / problem.resolution - 1e-9) + len(problem.points)
+    best, parent, idx = problem.solve(units)
+    points, last = [], -np.inf
+    for t in np.flatnonzero(np.isfinite(best)):
+        if best[t] > last + _TOL * (1.0 + abs(last if np.isfinite(last) else 0.0)):
+            points.append(problem.backtrack(parent, idx, int(t)))
+            last = best[t]
+    return points
