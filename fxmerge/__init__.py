@@ -16,15 +16,19 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
     __path__.append(_root)
 
 from fxmerge.algebra import ConvGeometry
-from fxmerge.api import analyze
+from fxmerge.api import analyze, compress, plan_of
 from fxmerge.errors import FxMergeError, InvalidPlanError, PlanMismatchError, TraceFailedError
+from fxmerge.latency import LatencyTable, MissingLatencyError
+from fxmerge.planning import InfeasibleBudgetError, plan
+from fxmerge.timing import measure_latency
 from fxmerge.passes.analysis import Analysis, BlockLimits, Chain
 from fxmerge.passes.patterns import register_activation
 from fxmerge.passes.rewrite import linearize, merge
-from fxmerge.plan import ChainPlan, Plan
+from fxmerge.plans import ChainPlan, Plan
 
 __all__ = [
-    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "InvalidPlanError",
-    "Plan", "PlanMismatchError", "TraceFailedError", "analyze", "linearize", "merge", "register_activation",
+    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "InfeasibleBudgetError",
+    "InvalidPlanError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
+    "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of", "register_activation",
 ]
 __version__ = "0.1.0"

@@ -31,3 +31,31 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer:
     gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     propagate_shapes(gm, example_inputs)
     return analyze_graph(gm, limits)
+
+
+def compress(model: nn.Module, latency_table: Any, **kwargs: Any) -> fx.GraphModule:
+    """``plan`` -> ``linearize`` -> ``merge`` in one call: the faster, equivalent GraphModule.
+
+    Keyword arguments go to :func:`fxmerge.plan` (``budget``, ``budget_ms``, ``importance``,
+    ``example_inputs``, ...). The plan stays retrievable with :func:`fxmerge.plan_of`.
+
+    >>> compressed = fxmerge.compress(model, table, budget=0.6)  # doctest: +SKIP
+    >>> print(fxmerge.plan_of(compressed))                        # doctest: +SKIP
+    """
+    from fxmerge.passes.rewrite import merge
+    from fxmerge.planning import plan
+
+    trace_kwargs = {k: kwargs[k] for k in ("tracer", "leaf_modules", "concrete_args") if k in kwargs}
+    chosen = plan(model, latency_table, **kwargs)
+    return merge(model, chosen, **trace_kwargs)
+
+
+def plan_of(module: fx.GraphModule) -> "Plan":
+    """The plan a module returned by :func:`merge` / :func:`compress` was built with."""
+    from fxmerge.errors import FxMergeError
+    from fxmerge.plans import Plan
+
+    record = getattr(module, "meta", {}).get("fxmerge", {})
+    if "plan_json" not in record:
+        raise FxMergeError("this module was not produced by fxmerge.merge / fxmerge.compress")
+    return Plan.from_dict(record["plan_json"])

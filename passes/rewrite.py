@@ -25,15 +25,15 @@ import torch.nn.functional as F
 
 from fxmerge import algebra
 from fxmerge.algebra import ConvGeometry, Pads
+from fxmerge.convs import make_conv
 from fxmerge.errors import PlanMismatchError
-from fxmerge.plan import ChainPlan, Plan
+from fxmerge.plans import ChainPlan, Plan
 
 from . import patterns
 from .analysis import layer_geometry
 from .tracing import trace, unwrap
 
 RECORD = "fxmerge"  # key in GraphModule.meta
-_CONV_MODULE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -222,18 +222,6 @@ def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) 
     return state
 
 
-def _merged_module(weight: torch.Tensor, bias: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
-                   dilation: tuple[int, ...], groups: int) -> nn.Module:
-    ndim = weight.dim() - 2
-    # skip_init: the random initialisation would be overwritten anyway and costs real time
-    conv = nn.utils.skip_init(_CONV_MODULE[ndim], weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                              stride=stride, padding=padding, dilation=dilation, groups=groups, bias=True,
-                              device=weight.device, dtype=weight.dtype)
-    conv.weight = nn.Parameter(weight)
-    conv.bias = nn.Parameter(bias)
-    return conv
-
-
 def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> None:
     layers = segment["layers"]
     first = nodes[layers[0][0]]
@@ -246,7 +234,7 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict)
         source = _insert_pad(gm.graph, end, source, geom.padding, f"fxmerge_pad_{first.name}_merged")
         padding = (0,) * geom.ndim
     name = _module_name(gm, layers)
-    gm.add_submodule(name, _merged_module(weight, bias, state.stride, padding, dilation, state.groups))
+    gm.add_submodule(name, make_conv(weight, bias, state.stride, padding, dilation, state.groups))
     with gm.graph.inserting_before(end):
         merged = gm.graph.create_node("call_module", name, (source,), name=name)
     end.replace_all_uses_with(merged)

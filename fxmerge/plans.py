@@ -120,6 +120,12 @@ class Plan:
         return cls.from_positions(analysis, {c.index: ((), None) for c in analysis.chains})
 
     @classmethod
+    def fold_only(cls, analysis: Any) -> "Plan":
+        """Keep every activation and merge nothing: each conv only absorbs its BatchNorm
+        (the baseline speed-ups are measured against, as in the paper)."""
+        return cls.from_positions(analysis, {c.index: (c.droppable, range(1, c.length)) for c in analysis.chains})
+
+    @classmethod
     def from_positions(cls, analysis: Any, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]]) -> "Plan":
         """``choice[chain index] = (kept positions, boundaries or None)``; None merges each run
         between kept activations and forced breaks with the fewest valid blocks. Chains not in
@@ -178,7 +184,24 @@ class Plan:
             rows.append([i, c.name(), c.length, len(c.segments()), f"{len(c.keep)}/{len(c.droppable)}",
                          "; ".join(merged) or "-"])
         table = tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks"])
-        return f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs\n{table}"
+        head = f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs"
+        return "\n".join([head, self.prediction_report() if "predicted_ms" in self.info else table])
+
+    def prediction_report(self) -> str:
+        """One row per merged conv (layers it replaces, kernel, groups, predicted ms) and the
+        predicted totals, for plans made by ``fxmerge.plan``."""
+        from tabulate import tabulate
+
+        info = self.info
+        rows = [[r["chain"], r["layers"], r["replaces"], r["kernel"], r["groups"], f"{r['ms']:.3f}"]
+                for r in info.get("merged", [])]
+        pred = info["predicted_ms"]
+        scope = "end to end" if info.get("end_to_end") else "chains only: the table has no reference for this model"
+        budget = f"; budget {info['budget_ms']:.3f} ms" if info.get("budget_ms") is not None else ""
+        table = tabulate(rows, headers=["chain", "merged conv replaces", "layers", "kernel", "groups", "pred. ms"]) \
+            if rows else "(no merged convs)"
+        return (f"{table}\npredicted latency ({scope}): original {pred['original']:.3f} ms -> planned "
+                f"{pred['planned']:.3f} ms ({pred['original'] / pred['planned']:.2f}x faster){budget}")
 
     # ------------------------------------------------------------------ JSON
 

@@ -1,0 +1,244 @@
+"""``LatencyTable``: measured times of every term of the cost model, on the user's hardware.
+
+>>> import torch, torchvision, fxmerge
+>>> model = torchvision.models.mobilenet_v2().eval()
+>>> table = fxmerge.LatencyTable.measure(model, (torch.randn(1, 3, 224, 224),))  # doctest: +SKIP
+>>> table.save("mbv2-cpu.json")                                                  # doctest: +SKIP
+
+Every distinct merged-conv spec of every valid block is timed once, at the real input shape of
+its block, as the module merge would emit; so is each droppable activation at its shape and
+the explicit add of each residual. The whole BatchNorm-folded model is timed too, which gives
+the constant rest of the network for end-to-end predictions. Saved as versioned JSON (never
+pickle) with an environment fingerprint; a measurement with ``path=`` saves every finished
+entry and resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+from fxmerge.api import analyze
+from fxmerge.convs import conv_for_geometry
+from fxmerge.cost import CostModel, activation_key, add_key, conv_key, model_key
+from fxmerge.errors import FxMergeError
+from fxmerge.passes.analysis import Analysis, BlockLimits
+from fxmerge.passes.patterns import registered_activations
+from fxmerge.passes.rewrite import merge
+from fxmerge.plans import Plan
+from fxmerge.timing import BACKENDS, Progress, device_name, measure_latency, runner, time_callable
+
+FORMAT, VERSION = "fxmerge.latency", 1
+
+
+class MissingLatencyError(FxMergeError):
+    """The table lacks terms a model needs."""
+
+
+def environment(example_inputs: Sequence[torch.Tensor], backend: str) -> dict:
+    """What a measurement depends on, beyond the shapes in each key."""
+    x = example_inputs[0]
+    return {"torch": torch.__version__, "device": device_name(x.device), "backend": backend,
+            "threads": torch.get_num_threads(), "dtype": str(x.dtype).replace("torch.", "")}
+
+
+class LatencyTable:
+    """Milliseconds per call of each cost-model term, keyed by spec (see :mod:`fxmerge.cost`)."""
+
+    def __init__(self, entries: dict[str, dict] | None = None, fingerprint: dict | None = None,
+                 references: dict[str, dict] | None = None, limits: dict | None = None):
+        self.entries = dict(entries or {})
+        self.fingerprint = dict(fingerprint or {})
+        self.references = dict(references or {})  # model key -> end-to-end reference
+        self.limits = dict(limits or {})
+
+    # ---------------------------------------------------------------- measuring
+
+    @classmethod
+    def measure(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
+                limits: BlockLimits | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
+                repeats: int = 7, min_repeat_ms: float = 10.0, progress: bool | None = None,
+                **trace_kwargs: Any) -> "LatencyTable":
+        """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
+        follow them). With ``path``, finished entries are saved as they come and an existing
+        file there is resumed."""
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if backend not in BACKENDS:
+            raise FxMergeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        table = cls(fingerprint=environment(example_inputs, backend))
+        if path is not None and Path(path).exists():
+            table = table | cls.load(path)
+        analysis = analyze(model, example_inputs, limits=limits, **trace_kwargs)
+        table.limits = _limits_dict(analysis.limits)
+        table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup,
+                              repeats=repeats, min_repeat_ms=min_repeat_ms, progress=progress, **trace_kwargs)
+        return table
+
+    def measure_missing(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
+                        analysis: Analysis | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
+                        repeats: int = 7, min_repeat_ms: float = 10.0, progress: bool | None = None,
+                        reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
+        """Measure the terms ``model`` needs that the table lacks (and its end-to-end
+        reference, unless ``reference=False``); returns ``self``."""
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        backend = self.fingerprint.setdefault("backend", "eager")
+        self._check_environment(example_inputs)
+        if analysis is None:
+            analysis = analyze(model, example_inputs, limits=self.block_limits(), **trace_kwargs)
+        x = example_inputs[0]
+        builders = _builders(analysis, x.dtype, x.device)
+        todo = [k for k in sorted(builders) if k not in self.entries]
+        bar = Progress(len(todo), "fxmerge: timing specs", progress)
+        for key in todo:
+            module, inputs = builders[key]()
+            timing = time_callable(runner(module, inputs, backend), x.device, warmup=warmup, repeats=repeats,
+                                   min_repeat_ms=min_repeat_ms)
+            self.entries[key] = timing.to_dict()
+            bar.step()
+            if path is not None:
+                self.save(path)
+        mkey = model_key(analysis)
+        if reference and mkey not in self.references:
+            folded = merge(model, Plan.fold_only(analysis), **trace_kwargs)
+            measured = measure_latency(folded, example_inputs, backend=backend).ms
+            terms = CostModel(analysis, self.ms).terms_ms(Plan.fold_only(analysis))
+            self.references[mkey] = {"original_ms": measured, "rest_ms": measured - terms,
+                                     "inputs": [list(t.shape) for t in example_inputs]}
+            if path is not None:
+                self.save(path)
+        return self
+
+    # ---------------------------------------------------------------- lookups
+
+    def ms(self, key: str) -> float:
+        try:
+            return self.entries[key]["ms"]
+        except KeyError:
+            raise MissingLatencyError(f"the latency table has no entry {key!r}") from None
+
+    def missing(self, analysis: Analysis) -> list[str]:
+        return sorted(CostModel(analysis, self.ms).required_keys() - self.entries.keys())
+
+    def require(self, analysis: Analysis) -> None:
+        """Raise :class:`MissingLatencyError` listing every term ``analysis`` needs and lacks."""
+        missing = self.missing(analysis)
+        if missing:
+            shown = "\n  ".join(missing[:12]) + (f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else "")
+            raise MissingLatencyError(
+                f"the latency table lacks {len(missing)} entries this model needs:\n  {shown}\n"
+                "Measure them with table.measure_missing(model, example_inputs) (same hardware and backend), "
+                "or pass measure_missing=True.")
+
+    def reference(self, analysis: Analysis) -> dict | None:
+        return self.references.get(model_key(analysis))
+
+    def block_limits(self) -> BlockLimits:
+        return BlockLimits(**self.limits) if self.limits else BlockLimits()
+
+    def _check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        here = environment(example_inputs, self.fingerprint.get("backend", "eager"))
+        diff = {k: (self.fingerprint.get(k), v) for k, v in here.items() if k in self.fingerprint and self.fingerprint[k] != v}
+        if diff:
+            text = ", ".join(f"{k}: table {a!r} vs here {b!r}" for k, (a, b) in diff.items())
+            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=3)
+
+    def check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        """Warn when the table's fingerprint differs from this process and these inputs."""
+        self._check_environment(example_inputs)
+
+    # ---------------------------------------------------------------- combining, JSON
+
+    def __or__(self, other: "LatencyTable") -> "LatencyTable":
+        """A table with both tables' entries (``other`` wins on duplicates); warns if the two
+        were measured in different environments."""
+        if self.fingerprint and other.fingerprint and self.fingerprint != other.fingerprint:
+            diff = sorted(k for k in set(self.fingerprint) | set(other.fingerprint)
+                          if self.fingerprint.get(k) != other.fingerprint.get(k))
+            warnings.warn(f"combining latency tables from different environments (differ in {diff})", stacklevel=2)
+        return LatencyTable({**self.entries, **other.entries}, self.fingerprint or other.fingerprint,
+                            {**self.references, **other.references}, self.limits or other.limits)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "limits": self.limits,
+                "references": self.references, "entries": dict(sorted(self.entries.items()))}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyTable":
+        if d.get("format") != FORMAT:
+            raise FxMergeError(f"not an fxmerge latency table (format={d.get('format')!r})")
+        if d.get("version") != VERSION:
+            raise FxMergeError(f"latency table version {d.get('version')} is not supported (expected {VERSION})")
+        return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)  # never leaves a half-written table behind
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __str__(self) -> str:
+        env = ", ".join(f"{k}={v}" for k, v in self.fingerprint.items())
+        rows = [[k, f"{v['ms']:.4f}", f"{v['spread']:.4f}"] for k, v in sorted(self.entries.items(), key=lambda kv: -kv[1]["ms"])[:10]]
+        return (f"fxmerge latency table: {len(self.entries)} entries, {len(self.references)} model references ({env})\n"
+                + tabulate(rows, headers=["slowest entries", "ms", "spread"]))
+
+
+def _limits_dict(limits: BlockLimits) -> dict:
+    return {"max_kernel": limits.max_kernel, "max_kernel_ratio": limits.max_kernel_ratio,
+            "max_macs_ratio": limits.max_macs_ratio}
+
+
+def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    """For each cost-model term: a function building (module, inputs) to time it."""
+    out: dict[str, Callable] = {}
+
+    def rand(shape):
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    for chain in analysis.chains:
+        for i, j in chain.valid_blocks:
+            spec, shape = chain.specs[(i, j)], chain.input_shapes[i]
+            out[conv_key(spec, shape)] = lambda spec=spec, shape=shape: (
+                conv_for_geometry(spec, dtype=dtype, device=device), (rand(shape),))
+        for s in chain.skips:
+            shape = chain.layers[s.target - 1].output_shape
+            out[add_key(shape)] = lambda shape=shape: (_Add(), (rand(shape), rand(shape)))
+        for p in chain.droppable:
+            kind, shape = chain.activations[p][1], chain.layers[p - 1].output_shape
+            out[activation_key(kind, shape)] = lambda kind=kind, shape=shape: (_activation_module(kind), (rand(shape),))
+    return out
+
+
+class _Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _activation_module(kind: str) -> nn.Module:
+    entry = registered_activations()[kind]
+    if entry.modules:
+        return entry.modules[0]()
+    if entry.functions:
+        return _Call(entry.functions[0])
+    return _Call(lambda x, name=entry.methods[0]: getattr(x, name)())

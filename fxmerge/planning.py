@@ -1,0 +1,173 @@
+"""From a measured latency table (and importance, where the user has it) to a :class:`Plan`:
+one exact DP over all chains of the model, concatenated with forced breaks between them."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+from fxmerge.api import analyze
+from fxmerge.cost import CostModel
+from fxmerge.errors import FxMergeError
+from fxmerge.passes import dp
+from fxmerge.passes.analysis import Analysis, Chain
+from fxmerge.plans import Plan
+
+log = logging.getLogger("fxmerge")
+
+Importance = Mapping[tuple[int, int, int], float]  # (chain index, i, j) -> score
+
+
+class InfeasibleBudgetError(FxMergeError):
+    """No plan fits the latency budget; the message states the smallest feasible budget."""
+
+
+@dataclass
+class _Concatenated:
+    """All chains laid end to end on one axis of positions, as stage 2 sees them."""
+
+    offsets: list[int]
+    length: int
+    times: dict[tuple[int, int], float]
+    importance: dict[tuple[int, int], float]
+    candidates: list[int]
+    position_costs: dict[int, float]
+
+    def local(self, chain: Chain, positions: Sequence[int]) -> list[int]:
+        off = self.offsets[chain.index]
+        return [p - off for p in positions if off < p < off + chain.length]
+
+
+def _forced(chain: Chain) -> set[int]:
+    """Interior positions whose activation stays whatever the plan (breaks that carry one)."""
+    return {p for p in chain.breaks if p in chain.activations}
+
+
+def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | None) -> _Concatenated:
+    offsets, total = [], 0
+    for chain in analysis.chains:
+        offsets.append(total)
+        total += chain.length
+    times, imp, candidates, position_costs = {}, {}, [], {}
+    for chain, off in zip(analysis.chains, offsets):
+        for i, j in chain.valid_blocks:
+            times[(off + i, off + j)] = cost.block_ms(chain, i, j)
+        acts = cost.activation_ms(chain)
+        forced = _forced(chain)
+        points = [0] + sorted(set(chain.droppable) | forced) + [chain.length]
+        for p in points[1:-1]:
+            candidates.append(off + p)
+            position_costs[off + p] = acts.get(p, 0.0)
+        for a in range(len(points)):
+            for b in range(a + 1, len(points)):
+                i, j = points[a], points[b]
+                if any(i < f < j for f in forced):
+                    break  # a forced activation cannot be dropped
+                score = 1.0 if importance is None else importance.get((chain.index, i, j))
+                if score is not None:
+                    imp[(off + i, off + j)] = float(score)
+        if chain.index < len(analysis.chains) - 1:
+            candidates.append(off + chain.length)  # chain junctions always act as kept
+            position_costs[off + chain.length] = 0.0
+    return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs)
+
+
+def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, budget_ms: float | None = None,
+         importance: Importance | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
+         resolution: float | None = None, measure_missing: bool = False, analysis: Analysis | None = None,
+         **trace_kwargs: Any) -> Plan:
+    """Choose which activations to keep and where to merge, exactly, under a latency budget.
+
+    ``budget`` is a fraction of the BatchNorm-folded original's predicted latency, ``budget_ms``
+    an absolute one. Without a budget every activation stays and blocks merge only where the
+    table says merging is faster. ``importance[(chain, i, j)]`` scores keeping the activations
+    at positions i and j of a chain with every one between them dropped (pairs it lacks may not
+    be chosen); without it every kept activation is worth 1. ``example_inputs`` defaults to
+    random inputs of the shapes the table was measured with.
+
+    The plan records the predicted latencies (``plan.info``) and prints as a report.
+    """
+    example_inputs = _example_inputs(latency_table, example_inputs)
+    latency_table.check_environment(example_inputs)
+    if analysis is None:
+        analysis = analyze(model, example_inputs, limits=latency_table.block_limits(), **trace_kwargs)
+    if measure_missing:
+        latency_table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
+    latency_table.require(analysis)
+    cost = CostModel(analysis, latency_table.ms)
+    if importance is None:
+        log.info("fxmerge: no importance given, every kept activation counts 1; "
+                 "real importance needs data (ImportanceTable)")
+    problem = _concatenate(analysis, cost, importance)
+    reference = latency_table.reference(analysis)
+    rest = reference["rest_ms"] if reference else 0.0
+    original = rest + cost.terms_ms(Plan.fold_only(analysis))
+    if budget is not None and budget_ms is not None:
+        raise FxMergeError("give budget (a fraction) or budget_ms, not both")
+    if budget is None and budget_ms is None:
+        chosen = _keep_all_merge_where_faster(analysis, cost)
+    else:
+        target = budget * original if budget is not None else budget_ms
+        chosen = _select(analysis, problem, target - rest, rest, resolution)
+    result = chosen
+    result.info.update(_report(analysis, cost, result, rest, original, reference is not None,
+                               budget_ms=None if budget is None and budget_ms is None else
+                               (budget * original if budget is not None else budget_ms)))
+    return result
+
+
+def _example_inputs(table: Any, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    shapes = [r["inputs"] for r in table.references.values()]
+    if len(shapes) != 1:
+        raise FxMergeError("pass example_inputs: the latency table holds no single reference input shape")
+    dtype = getattr(torch, table.fingerprint.get("dtype", "float32"))
+    return tuple(torch.randn(s, dtype=dtype) for s in shapes[0])
+
+
+def _keep_all_merge_where_faster(analysis: Analysis, cost: CostModel) -> Plan:
+    choice = {}
+    for chain in analysis.chains:
+        times = {(i, j): cost.block_ms(chain, i, j) for i, j in chain.valid_blocks}
+        _, breaks = dp.optimal_merge_times(times)
+        cuts = sorted({0, chain.length, *chain.droppable, *chain.breaks})
+        bounds = set()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            bounds.update(breaks[(a, b)])
+        choice[chain.index] = (chain.droppable, bounds - {0, chain.length})
+    return Plan.from_positions(analysis, choice)
+
+
+def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: float, resolution: float | None) -> Plan:
+    try:
+        sel = dp.select(problem.times, problem.importance, problem.length, budget, candidates=problem.candidates,
+                        position_costs=problem.position_costs, resolution=resolution)
+    except dp.InfeasibleBudget as exc:
+        raise InfeasibleBudgetError(
+            f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {exc.smallest + rest:.4g} ms "
+            "(predicted end-to-end). Raise the budget.") from None
+    choice = {}
+    for chain in analysis.chains:
+        kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
+        choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
+    return Plan.from_positions(analysis, choice)
+
+
+def _report(analysis: Analysis, cost: CostModel, plan: Plan, rest: float, original: float, end_to_end: bool,
+            budget_ms: float | None) -> dict:
+    rows = []
+    for ci, a, b, cp, ms in cost.segment_rows(plan):
+        if b - a > 1:
+            spec = analysis.chains[ci].specs[(a, b)]
+            rows.append({"chain": ci, "block": [a, b], "layers": cp.block_name(a, b).split(" = ")[1],
+                         "replaces": b - a, "kernel": "x".join(map(str, spec.kernel)), "groups": spec.groups,
+                         "ms": ms})
+    planned = rest + cost.terms_ms(plan)
+    return {"predicted_ms": {"original": original, "planned": planned}, "budget_ms": budget_ms,
+            "end_to_end": end_to_end, "merged": rows}
+

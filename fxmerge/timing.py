@@ -1,0 +1,147 @@
+"""Timing modules the same way everywhere: latency-table entries and whole models alike.
+
+Median over repeats of the mean time per call, the spread (inter-quartile range) kept; each
+repeat runs enough calls to last ``min_repeat_ms``. CPU uses ``perf_counter``; inputs on a GPU
+are timed with CUDA events. Backends: ``"eager"``, ``"inductor"`` (``torch.compile``, compile
+time excluded) and ``"onnxruntime"`` (with the ``onnx`` extra installed).
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxmerge.errors import FxMergeError
+
+BACKENDS = ("eager", "inductor", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Timing:
+    ms: float  # median time per call
+    spread: float  # inter-quartile range of the repeats
+    repeats: int
+    calls: int  # calls per repeat
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name}"
+
+
+def runner(module: nn.Module, inputs: Sequence[torch.Tensor], backend: str) -> Callable[[], object]:
+    """A no-argument callable running ``module(*inputs)`` on ``backend`` (compiled/exported
+    once here, so that cost never reaches the timings)."""
+    module = module.eval()
+    if backend == "eager":
+        return lambda: module(*inputs)
+    if backend == "inductor":
+        compiled = torch.compile(module, backend="inductor", dynamic=False)
+        with torch.inference_mode():
+            compiled(*inputs)
+        return lambda: compiled(*inputs)
+    if backend == "onnxruntime":
+        return _onnx_runner(module, inputs)
+    raise FxMergeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise FxMergeError("the onnxruntime backend needs the extra: pip install 'fxmerge[onnx]'") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/module.onnx"
+        torch.onnx.export(module, tuple(inputs), path, dynamo=True)
+        with open(path, "rb") as f:
+            model_bytes = f.read()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return lambda: session.run(None, feeds)
+
+
+def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 7,
+                  min_repeat_ms: float = 10.0) -> Timing:
+    """Median milliseconds per call of ``fn`` (see the module docstring)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        one = (time.perf_counter() - start) * 1e3
+        calls = max(1, int(min_repeat_ms / max(one, 1e-3)))
+        samples = []
+        for _ in range(repeats):
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(calls):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples.append(begin.elapsed_time(end) / calls)
+            else:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples.append((time.perf_counter() - start) * 1e3 / calls)
+    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return Timing(statistics.median(samples), quartiles[2] - quartiles[0], repeats, calls)
+
+
+def measure_latency(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
+                    warmup: int = 5, repeats: int = 15, min_repeat_ms: float = 50.0) -> Timing:
+    """End-to-end latency of ``module`` timed exactly as latency-table entries are (device,
+    dtype and batch follow ``example_inputs``)."""
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    fn = runner(module, example_inputs, backend)
+    return time_callable(fn, example_inputs[0].device, warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms)
+
+
+class Progress:
+    """A one-line progress bar on a terminal (silent when stderr is no terminal)."""
+
+    def __init__(self, total: int, what: str, enabled: bool | None = None):
+        self.total, self.what, self.done = total, what, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        filled = int(30 * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:5.1f}s, ~{left:4.0f}s left ")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
