@@ -32,9 +32,10 @@ from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.passes.rewrite import merge
 from fxmerge.plans import Plan
-from fxmerge.timing import BACKENDS, Progress, device_name, measure_latency, runner, time_callable
+from fxmerge.timing import BACKENDS, Progress, Timing, calibrate, device_name, runner, sample
 
 FORMAT, VERSION = "fxmerge.latency", 1
+_REFERENCE = "model (BatchNorm folded)"  # the end-to-end reference among the entries
 
 
 class MissingLatencyError(FxMergeError):
@@ -52,18 +53,20 @@ class LatencyTable:
     """Milliseconds per call of each cost-model term, keyed by spec (see :mod:`fxmerge.cost`)."""
 
     def __init__(self, entries: dict[str, dict] | None = None, fingerprint: dict | None = None,
-                 references: dict[str, dict] | None = None, limits: dict | None = None):
+                 references: dict[str, dict] | None = None, limits: dict | None = None,
+                 pending: dict[str, dict] | None = None):
         self.entries = dict(entries or {})
         self.fingerprint = dict(fingerprint or {})
         self.references = dict(references or {})  # model key -> end-to-end reference
         self.limits = dict(limits or {})
+        self.pending = dict(pending or {})  # samples of an unfinished measurement
 
     # ---------------------------------------------------------------- measuring
 
     @classmethod
     def measure(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
                 limits: BlockLimits | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
-                repeats: int = 7, min_repeat_ms: float = 10.0, progress: bool | None = None,
+                repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
                 **trace_kwargs: Any) -> "LatencyTable":
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
         follow them). With ``path``, finished entries are saved as they come and an existing
@@ -76,13 +79,13 @@ class LatencyTable:
             table = table | cls.load(path)
         analysis = analyze(model, example_inputs, limits=limits, **trace_kwargs)
         table.limits = _limits_dict(analysis.limits)
-        table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup,
-                              repeats=repeats, min_repeat_ms=min_repeat_ms, progress=progress, **trace_kwargs)
+        table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup, repeats=repeats,
+                              min_repeat_ms=min_repeat_ms, rounds=rounds, progress=progress, **trace_kwargs)
         return table
 
     def measure_missing(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
                         analysis: Analysis | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
-                        repeats: int = 7, min_repeat_ms: float = 10.0, progress: bool | None = None,
+                        repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
                         reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
         """Measure the terms ``model`` needs that the table lacks (and its end-to-end
         reference, unless ``reference=False``); returns ``self``."""
@@ -94,24 +97,45 @@ class LatencyTable:
         x = example_inputs[0]
         builders = _builders(analysis, x.dtype, x.device)
         todo = [k for k in sorted(builders) if k not in self.entries]
-        bar = Progress(len(todo), "fxmerge: timing specs", progress)
-        for key in todo:
-            module, inputs = builders[key]()
-            timing = time_callable(runner(module, inputs, backend), x.device, warmup=warmup, repeats=repeats,
-                                   min_repeat_ms=min_repeat_ms)
-            self.entries[key] = timing.to_dict()
-            bar.step()
-            if path is not None:
-                self.save(path)
         mkey = model_key(analysis)
         if reference and mkey not in self.references:
+            # The whole BatchNorm-folded model is timed among the entries, so the constant rest
+            # of the network is calibrated against the same machine state as they are.
             folded = merge(model, Plan.fold_only(analysis), **trace_kwargs)
-            measured = measure_latency(folded, example_inputs, backend=backend).ms
-            terms = CostModel(analysis, self.ms).terms_ms(Plan.fold_only(analysis))
-            self.references[mkey] = {"original_ms": measured, "rest_ms": measured - terms,
-                                     "inputs": [list(t.shape) for t in example_inputs]}
-            if path is not None:
-                self.save(path)
+            builders[_REFERENCE] = lambda: (folded, example_inputs)
+            todo.append(_REFERENCE)
+        # Eager entries are timed in `rounds` interleaved passes over all of them, so that the
+        # machine drifting during a long measurement skews no group of entries; compiled
+        # backends pay their compile once, in one pass. Unfinished samples are saved too, so an
+        # interrupted measurement resumes where it stopped.
+        rounds = rounds if backend == "eager" else 1
+        per_round = max(1, -(-repeats // rounds))
+        bar = Progress(len(todo) * rounds, "fxmerge: timing specs", progress)
+        for r in range(rounds):
+            for key in todo:
+                state = self.pending.setdefault(key, {"samples": [], "calls": 0, "rounds": 0})
+                if state["rounds"] <= r:
+                    module, inputs = builders[key]()
+                    fn = runner(module, inputs, backend)
+                    calls = calibrate(fn, x.device, warmup=1 if state["calls"] else warmup, min_repeat_ms=min_repeat_ms,
+                                      warmup_ms=300.0 if key == _REFERENCE and r == 0 else 0.0)
+                    state["calls"] = state["calls"] or calls
+                    state["samples"] += sample(fn, x.device, state["calls"], per_round)
+                    state["rounds"] += 1
+                    if path is not None:
+                        self.save(path)
+                bar.step()
+        for key in todo:
+            state = self.pending.pop(key)
+            timing = Timing.from_samples(state["samples"], state["calls"])
+            if key == _REFERENCE:
+                terms = CostModel(analysis, self.ms).terms_ms(Plan.fold_only(analysis))
+                self.references[mkey] = {"original_ms": timing.ms, "rest_ms": timing.ms - terms,
+                                         "inputs": [list(t.shape) for t in example_inputs]}
+            else:
+                self.entries[key] = timing.to_dict()
+        if path is not None:
+            self.save(path)
         return self
 
     # ---------------------------------------------------------------- lookups
@@ -162,11 +186,13 @@ class LatencyTable:
                           if self.fingerprint.get(k) != other.fingerprint.get(k))
             warnings.warn(f"combining latency tables from different environments (differ in {diff})", stacklevel=2)
         return LatencyTable({**self.entries, **other.entries}, self.fingerprint or other.fingerprint,
-                            {**self.references, **other.references}, self.limits or other.limits)
+                            {**self.references, **other.references}, self.limits or other.limits,
+                            {**self.pending, **other.pending})
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "limits": self.limits,
-                "references": self.references, "entries": dict(sorted(self.entries.items()))}
+                "references": self.references, "entries": dict(sorted(self.entries.items())),
+                **({"pending": self.pending} if self.pending else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyTable":
@@ -174,7 +200,7 @@ class LatencyTable:
             raise FxMergeError(f"not an fxmerge latency table (format={d.get('format')!r})")
         if d.get("version") != VERSION:
             raise FxMergeError(f"latency table version {d.get('version')} is not supported (expected {VERSION})")
-        return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"))
+        return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"), d.get("pending"))
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(f"{path}.tmp")

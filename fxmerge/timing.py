@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,11 @@ class Timing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], calls: int) -> "Timing":
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+        return cls(statistics.median(samples), quartiles[2] - quartiles[0], len(samples), calls)
 
 
 def device_name(device: torch.device) -> str:
@@ -85,44 +90,75 @@ def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[
 def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 7,
                   min_repeat_ms: float = 10.0) -> Timing:
     """Median milliseconds per call of ``fn`` (see the module docstring)."""
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    calls = calibrate(fn, device, warmup=warmup, min_repeat_ms=min_repeat_ms)
+    return Timing.from_samples(sample(fn, device, calls, repeats), calls)
+
+
+def calibrate(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_repeat_ms: float = 10.0,
+              warmup_ms: float = 0.0) -> int:
+    """Warm ``fn`` up (``warmup`` calls and at least ``warmup_ms``) and return how many calls
+    make one repeat last ``min_repeat_ms``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        for _ in range(warmup):
+        begin = time.perf_counter()
+        done = 0
+        while done < warmup or (time.perf_counter() - begin) * 1e3 < warmup_ms:
             fn()
+            done += 1
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        one = (time.perf_counter() - start) * 1e3
-        calls = max(1, int(min_repeat_ms / max(one, 1e-3)))
-        samples = []
+    one = (time.perf_counter() - start) * 1e3
+    return max(1, int(min_repeat_ms / max(one, 1e-3)))
+
+
+def sample(fn: Callable[[], object], device: torch.device, calls: int, repeats: int) -> list[float]:
+    """``repeats`` samples of the mean milliseconds per call over ``calls`` calls."""
+    out = []
+    with torch.inference_mode():
         for _ in range(repeats):
-            if cuda:
+            if device.type == "cuda":
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
                 for _ in range(calls):
                     fn()
                 end.record()
                 end.synchronize()
-                samples.append(begin.elapsed_time(end) / calls)
+                out.append(begin.elapsed_time(end) / calls)
             else:
                 start = time.perf_counter()
                 for _ in range(calls):
                     fn()
-                samples.append((time.perf_counter() - start) * 1e3 / calls)
-    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return Timing(statistics.median(samples), quartiles[2] - quartiles[0], repeats, calls)
+                out.append((time.perf_counter() - start) * 1e3 / calls)
+    return out
 
 
 def measure_latency(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
-                    warmup: int = 5, repeats: int = 15, min_repeat_ms: float = 50.0) -> Timing:
-    """End-to-end latency of ``module`` timed exactly as latency-table entries are (device,
-    dtype and batch follow ``example_inputs``)."""
+                    rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0, warmup_ms: float = 500.0) -> Timing:
+    """End-to-end latency of ``module`` timed as latency-table entries are (device, dtype and
+    batch follow ``example_inputs``): median over ``repeats`` samples taken in ``rounds``."""
+    return compare_latency({"model": module}, example_inputs, backend=backend, rounds=rounds, repeats=repeats,
+                           min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)["model"]
+
+
+def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[torch.Tensor], *,
+                    backend: str = "eager", rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0,
+                    warmup_ms: float = 500.0) -> dict[str, Timing]:
+    """Time several modules interleaved: each round samples every module in turn, so a machine
+    whose speed drifts (shared hosts do, by tens of percent over tens of seconds) shifts them
+    all alike and their ratios stay honest."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    fn = runner(module, example_inputs, backend)
-    return time_callable(fn, example_inputs[0].device, warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms)
+    device = example_inputs[0].device
+    fns = {name: runner(m, example_inputs, backend) for name, m in modules.items()}
+    calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms) for name, fn in fns.items()}
+    per_round = max(1, -(-repeats // rounds))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += sample(fn, device, calls[name], per_round)
+    return {name: Timing.from_samples(samples[name], calls[name]) for name in fns}
 
 
 class Progress:
