@@ -32,7 +32,7 @@ from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.passes.rewrite import merge
 from fxmerge.plans import Plan
-from fxmerge.timing import BACKENDS, Progress, Timing, calibrate, device_name, runner, sample
+from fxmerge.timing import BACKENDS, Progress, Timing, calibrate, compare_latency, device_name, runner, sample
 
 FORMAT, VERSION = "fxmerge.latency", 1
 _REFERENCE = "model (BatchNorm folded)"  # the end-to-end reference among the entries
@@ -129,14 +129,41 @@ class LatencyTable:
             state = self.pending.pop(key)
             timing = Timing.from_samples(state["samples"], state["calls"])
             if key == _REFERENCE:
-                terms = CostModel(analysis, self.ms).terms_ms(Plan.fold_only(analysis))
-                self.references[mkey] = {"original_ms": timing.ms, "rest_ms": timing.ms - terms,
-                                         "inputs": [list(t.shape) for t in example_inputs]}
+                self.references[mkey] = self._calibrate(model, example_inputs, analysis, timing.ms, **trace_kwargs)
             else:
                 self.entries[key] = timing.to_dict()
         if path is not None:
             self.save(path)
         return self
+
+    def _calibrate(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], analysis: Analysis,
+                   original_ms: float, **trace_kwargs: Any) -> dict:
+        """The constant rest and the per-op overhead of the cost model, from two end-to-end
+        references: the BatchNorm-folded model (timed among the entries) and a probe plan with
+        far fewer ops, whose ratio to the first is timed interleaved (drift cancels)."""
+        from fxmerge.planning import probe_plan  # planning builds on this module
+
+        cost = CostModel(analysis, self.ms)
+        folded = Plan.fold_only(analysis)
+        resid_fold, ops_fold = original_ms - cost.terms_ms(folded), cost.op_count(folded)
+        overhead = 0.0
+        probe = probe_plan(analysis, cost)
+        if probe is not None and cost.op_count(probe) < ops_fold:
+            backend = self.fingerprint.get("backend", "eager")
+            t = compare_latency({"folded": merge(model, folded, **trace_kwargs), "probe": merge(model, probe, **trace_kwargs)},
+                                example_inputs, backend=backend, rounds=3, repeats=9)
+            probe_ms = original_ms * t["probe"].ms / t["folded"].ms
+            overhead = max(0.0, (resid_fold - (probe_ms - cost.terms_ms(probe))) / (ops_fold - cost.op_count(probe)))
+        return {"original_ms": original_ms, "rest_ms": resid_fold - overhead * ops_fold, "overhead_ms": overhead,
+                "inputs": [list(t.shape) for t in example_inputs]}
+
+    def overhead_ms(self, analysis: Analysis) -> float:
+        """Per-op overhead: this model's reference, else the mean of the table's references."""
+        ref = self.reference(analysis)
+        if ref is not None:
+            return ref.get("overhead_ms", 0.0)
+        values = [r.get("overhead_ms", 0.0) for r in self.references.values()]
+        return sum(values) / len(values) if values else 0.0
 
     # ---------------------------------------------------------------- lookups
 

@@ -98,7 +98,7 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
     if measure_missing:
         latency_table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
     latency_table.require(analysis)
-    cost = CostModel(analysis, latency_table.ms)
+    cost = CostModel(analysis, latency_table.ms, latency_table.overhead_ms(analysis))
     if importance is None:
         log.info("fxmerge: no importance given, every kept activation counts 1; "
                  "real importance needs data (ImportanceTable)")
@@ -156,6 +156,21 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
         choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
     return Plan.from_positions(analysis, choice)
+
+
+def probe_plan(analysis: Analysis, cost: CostModel) -> Plan | None:
+    """A plan with far fewer ops than the original (uniform importance, 60 % of its predicted
+    chain latency), used to calibrate the cost model; None when nothing can merge."""
+    if not any(j - i > 1 for c in analysis.chains for i, j in c.valid_blocks):
+        return None
+    problem = _concatenate(analysis, cost, None)
+    full = cost.terms_ms(Plan.fold_only(analysis))
+    for fraction in (0.6, 0.8, 1.0):
+        try:
+            return _select(analysis, problem, fraction * full, 0.0, None)
+        except InfeasibleBudgetError:
+            continue
+    return None
 
 
 def _report(analysis: Analysis, cost: CostModel, plan: Plan, rest: float, original: float, end_to_end: bool,
