@@ -154,6 +154,7 @@ class LatencyTable:
                                 example_inputs, backend=backend, rounds=3, repeats=9)
             probe_ms = original_ms * t["probe"].ms / t["folded"].ms
             overhead = max(0.0, (resid_fold - (probe_ms - cost.terms_ms(probe))) / (ops_fold - cost.op_count(probe)))
+            overhead = min(overhead, max(resid_fold, 0.0) / ops_fold)  # the rest cannot be negative
         return {"original_ms": original_ms, "rest_ms": resid_fold - overhead * ops_fold, "overhead_ms": overhead,
                 "inputs": [list(t.shape) for t in example_inputs]}
 
