@@ -69,7 +69,7 @@ class Selection:
 class _Problem:
     """Stage-2 inputs on an integer cost grid, shared by :func:`select` and :func:`frontier`."""
 
-    def __init__(self, times, importance, length, candidates, position_costs, resolution, max_budget):
+    def __init__(self, times, importance, length, candidates, position_costs):
         self.topt, self.breaks = optimal_merge_times(times)
         self.length = length
         inner = range(1, length) if candidates is None else sorted(set(candidates))
@@ -83,38 +83,49 @@ class _Problem:
                 if (i, j) in self.topt and (i, j) in importance:
                     cost = self.topt[(i, j)] + (costs.get(j, 0.0) if j != length else 0.0)
                     self.pairs.append((i, j, cost, float(importance[(i, j)])))
-        if resolution is None:
-            scale = max_budget if max_budget else max((c for *_, c, _ in self.pairs), default=1.0)
-            resolution = scale / 1000 or 1.0
-        self.resolution = resolution
-        self.unit = {(i, j): math.ceil(c / resolution - 1e-9) for i, j, c, _ in self.pairs}
+        self.cost_imp = {(i, j): (c, imp) for i, j, c, imp in self.pairs}
+
+    def discretise(self, resolution: float | None, scale: float) -> None:
+        """Put every segment cost on the grid, rounded up (default grid: scale / 1000)."""
+        self.resolution = resolution if resolution is not None else (scale / 1000 or 1.0)
+        self.unit = {(i, j): math.ceil(c / self.resolution - 1e-9) for i, j, c, _ in self.pairs}
+        position = {p: k for k, p in enumerate(self.points)}
+        grouped: dict[int, list[tuple[int, int, float]]] = {}
+        for i, j, _, imp in self.pairs:
+            grouped.setdefault(j, []).append((i, self.unit[(i, j)], imp))
+        self.start_points = {j: [i for i, _, _ in g] for j, g in grouped.items()}
+        self.by_end = [(j, (np.array([position[i] for i, _, _ in g]), np.array([u for _, u, _ in g]),
+                            np.array([imp for _, _, imp in g], dtype=float)))
+                       for j, g in sorted(grouped.items())]
 
     def solve(self, budget_units: int):
-        """D[p][t]: best importance of a kept chain 0..p with rounded cost <= t; parents."""
+        """D[p][t]: best importance of a kept chain 0..p with rounded cost <= t, and parents.
+
+        Vectorised over the budget axis and over all starts of a segment ending at p: one
+        (starts x budgets) array per end. Near-ties (1e-9) go to the smallest start.
+        """
         idx = {p: k for k, p in enumerate(self.points)}
         width = budget_units + 1
         best = np.full((len(self.points), width), -np.inf)
         parent = np.full((len(self.points), width), -1, dtype=np.int64)
         best[0, :] = 0.0
-        for i, j, _, imp in self.pairs:  # pairs are ordered by end, so every D[i] is final
-            c = self.unit[(i, j)]
-            if c >= width:
-                continue
-            cand = best[idx[i], : width - c] + imp
-            row, prow = best[idx[j], c:], parent[idx[j], c:]
-            finite = np.isfinite(row)
-            threshold = np.where(finite, row + _TOL * (1.0 + np.abs(np.where(finite, row, 0.0))), -np.inf)
-            better = np.isfinite(cand) & (cand > threshold)
-            row[better], prow[better] = cand[better], i
+        budgets = np.arange(width)
+        for j, group in self.by_end:  # ends in increasing order, so every D[i] is final
+            starts, units, scores = group
+            source = budgets[None, :] - units[:, None]
+            values = np.where(source >= 0, best[starts[:, None], np.maximum(source, 0)], -np.inf) + scores[:, None]
+            pick = np.argmax(np.round(values, 9), axis=0)
+            row = values[pick, budgets]
+            best[idx[j]] = row
+            parent[idx[j]] = np.where(np.isfinite(row), np.asarray(self.start_points[j])[pick], -1)
         return best[idx[self.length]], parent, idx
 
     def backtrack(self, parent, idx, t: int) -> Selection:
         kept, p, boundaries = [], self.length, set()
         latency = importance = 0.0
-        costs = {(i, j): (c, imp) for i, j, c, imp in self.pairs}
         while p != 0:
             i = int(parent[idx[p], t])
-            c, imp = costs[(i, p)]
+            c, imp = self.cost_imp[(i, p)]
             latency, importance = latency + c, importance + imp
             boundaries.update(self.breaks[(i, p)])
             t -= self.unit[(i, p)]
@@ -165,7 +176,8 @@ def select(times: Mapping[Block, float], importance: Mapping[Block, float], leng
     the lower latency, when the costs lie on the resolution grid; never over budget. Raises
     :class:`InfeasibleBudget` with the smallest feasible budget.
     """
-    problem = _Problem(times, importance, length, candidates, position_costs, resolution, budget)
+    problem = _Problem(times, importance, length, candidates, position_costs)
+    problem.discretise(resolution, budget)
     units = math.floor(budget / problem.resolution + 1e-9)
     least = problem.cheapest_units()
     if least is None:
@@ -184,10 +196,10 @@ def frontier(times: Mapping[Block, float], importance: Mapping[Block, float], le
     """The Pareto frontier of (latency, importance) from one vectorised solve: for every
     budget up to ``max_budget`` (default: the latency of the best unconstrained selection),
     the selection :func:`select` would return, without repeats, cheapest first."""
+    problem = _Problem(times, importance, length, candidates, position_costs)
     if max_budget is None:
-        unconstrained = _Problem(times, importance, length, candidates, position_costs, 1.0, None)
-        max_budget = unconstrained.best_unconstrained_latency()
-    problem = _Problem(times, importance, length, candidates, position_costs, resolution, max_budget)
+        max_budget = problem.best_unconstrained_latency()
+    problem.discretise(resolution, max_budget)
     # slack of one unit per segment, so the unconstrained optimum survives the rounding up
     units = math.ceil(max_budget / problem.resolution - 1e-9) + len(problem.points)
     best, parent, idx = problem.solve(units)
