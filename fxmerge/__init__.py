@@ -18,6 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
 from fxmerge.algebra import ConvGeometry
 from fxmerge.api import analyze, compress, plan_of
 from fxmerge.errors import FxMergeError, InvalidPlanError, PlanMismatchError, TraceFailedError
+from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable, MissingLatencyError
 from fxmerge.planning import InfeasibleBudgetError, plan
 from fxmerge.timing import measure_latency
@@ -27,7 +28,8 @@ from fxmerge.passes.rewrite import linearize, merge
 from fxmerge.plans import ChainPlan, Plan
 
 __all__ = [
-    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "InfeasibleBudgetError",
+    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "ImportanceTable",
+    "InfeasibleBudgetError",
     "InvalidPlanError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
     "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of", "register_activation",
 ]

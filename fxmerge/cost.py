@@ -31,8 +31,10 @@ def conv_key(spec: ConvGeometry, input_shape: Sequence[int] | None) -> str:
             f"s={_shape(spec.stride)} d={_shape(spec.dilation)} g={spec.groups} pad={pad} input={_shape(input_shape)}")
 
 
-def activation_key(kind: str, shape: Sequence[int] | None) -> str:
-    return f"act {kind} input={_shape(shape)}"
+def activation_key(kind: str, producer: str) -> str:
+    """Table key of an activation run right after the conv ``producer`` (a conv key): its cost
+    is what it adds to that conv, which a fusing compiler makes far less than running it alone."""
+    return f"act {kind} after {producer}"
 
 
 def add_key(shape: Sequence[int] | None) -> str:
@@ -67,9 +69,14 @@ class CostModel:
         return keys
 
     @staticmethod
-    def activation_keys(chain: Chain) -> dict[int, str]:
+    def producer_key(chain: Chain, p: int) -> str:
+        """The single conv of layer p, which stands for whatever merged conv ends at p."""
+        return conv_key(chain.specs[(p - 1, p)], chain.input_shapes[p - 1])
+
+    @classmethod
+    def activation_keys(cls, chain: Chain) -> dict[int, str]:
         """Droppable activations: their time counts only when a plan keeps them."""
-        return {p: activation_key(chain.activations[p][1], chain.layers[p - 1].output_shape) for p in chain.droppable}
+        return {p: activation_key(chain.activations[p][1], cls.producer_key(chain, p)) for p in chain.droppable}
 
     def required_keys(self) -> set[str]:
         keys: set[str] = set()
@@ -77,13 +84,16 @@ class CostModel:
             for i, j in chain.valid_blocks:
                 keys.update(self.block_keys(chain, i, j))
             keys.update(self.activation_keys(chain).values())
+            keys.update(self.producer_key(chain, p) for p in chain.droppable)
         return keys
 
     def block_ms(self, chain: Chain, i: int, j: int) -> float:
         return sum(self.lookup(k) + self.overhead_ms for k in self.block_keys(chain, i, j))
 
     def activation_ms(self, chain: Chain) -> dict[int, float]:
-        return {p: self.lookup(k) + self.overhead_ms for p, k in self.activation_keys(chain).items()}
+        """Kept-activation cost: conv-then-activation minus the conv alone (never negative)."""
+        return {p: max(0.0, self.lookup(k) - self.lookup(self.producer_key(chain, p))) + self.overhead_ms
+                for p, k in self.activation_keys(chain).items()}
 
     # ---------------------------------------------------------------- plans
 

@@ -6,11 +6,12 @@
 >>> table.save("mbv2-cpu.json")                                                  # doctest: +SKIP
 
 Every distinct merged-conv spec of every valid block is timed once, at the real input shape of
-its block, as the module merge would emit; so is each droppable activation at its shape and
-the explicit add of each residual. The whole BatchNorm-folded model is timed too, which gives
-the constant rest of the network for end-to-end predictions. Saved as versioned JSON (never
-pickle) with an environment fingerprint; a measurement with ``path=`` saves every finished
-entry and resumes where it stopped.
+its block, as the module merge would emit; so is the explicit add of each residual, and each
+droppable activation right after its conv (a backend that fuses the two is charged only what
+the activation adds). The whole BatchNorm-folded model is timed too, which calibrates the
+constant rest of the network and the per-op overhead. Saved as versioned JSON (never pickle)
+with an environment fingerprint; a measurement with ``path=`` saves its samples as it goes and
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tabulate import tabulate
 
 from fxmerge.api import analyze
 from fxmerge.convs import conv_for_geometry
-from fxmerge.cost import CostModel, activation_key, add_key, conv_key, model_key
+from fxmerge.cost import CostModel, add_key, conv_key, model_key
 from fxmerge.errors import FxMergeError
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
@@ -269,9 +270,10 @@ def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device) -> d
         for s in chain.skips:
             shape = chain.layers[s.target - 1].output_shape
             out[add_key(shape)] = lambda shape=shape: (_Add(), (rand(shape), rand(shape)))
-        for p in chain.droppable:
-            kind, shape = chain.activations[p][1], chain.layers[p - 1].output_shape
-            out[activation_key(kind, shape)] = lambda kind=kind, shape=shape: (_activation_module(kind), (rand(shape),))
+        for p, key in CostModel.activation_keys(chain).items():
+            kind, spec, shape = chain.activations[p][1], chain.specs[(p - 1, p)], chain.input_shapes[p - 1]
+            out[key] = lambda kind=kind, spec=spec, shape=shape: (
+                nn.Sequential(conv_for_geometry(spec, dtype=dtype, device=device), _activation_module(kind)), (rand(shape),))
     return out
 
 

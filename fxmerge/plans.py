@@ -86,7 +86,7 @@ def _structure(chain: Any) -> dict:
     )
 
 
-def _fewest_blocks(chain: Any, fixed: Iterable[int]) -> tuple[int, ...]:
+def fewest_blocks(chain: Any, fixed: Iterable[int]) -> tuple[int, ...]:
     """Boundaries ⊇ ``fixed`` that cover each run between them with the fewest valid blocks."""
     cuts = sorted({0, chain.length, *fixed})
     _, breaks = optimal_merge_times({b: 1.0 for b in chain.valid_blocks})
@@ -135,7 +135,7 @@ class Plan:
             keep, bounds = choice.get(chain.index, (chain.droppable, None))
             keep = tuple(sorted(set(keep)))
             fixed = set(keep) | set(chain.breaks)
-            bounds = _fewest_blocks(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | fixed))
+            bounds = fewest_blocks(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | fixed))
             cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds)
             validate_chain(cp, chain.index)
             chains.append(cp)

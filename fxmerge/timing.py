@@ -61,6 +61,10 @@ def runner(module: nn.Module, inputs: Sequence[torch.Tensor], backend: str) -> C
     if backend == "eager":
         return lambda: module(*inputs)
     if backend == "inductor":
+        # A GraphModule of its own gives each module its own code object; otherwise every
+        # nn.Conv2d shares Conv2d.forward and dynamo stops compiling after a few shapes.
+        if not isinstance(module, torch.fx.GraphModule):
+            module = torch.fx.symbolic_trace(module)
         compiled = torch.compile(module, backend="inductor", dynamic=False)
         with torch.inference_mode():
             compiled(*inputs)
@@ -75,14 +79,12 @@ def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[
         import onnxruntime as ort
     except ImportError as exc:
         raise FxMergeError("the onnxruntime backend needs the extra: pip install 'fxmerge[onnx]'") from exc
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/module.onnx"
-        torch.onnx.export(module, tuple(inputs), path, dynamo=True)
-        with open(path, "rb") as f:
-            model_bytes = f.read()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # the session reads weights stored beside the graph
+        path = f"{tmp}/module.onnx"
+        torch.onnx.export(module, tuple(inputs), path, dynamo=True, verbose=False)
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
     return lambda: session.run(None, feeds)
 

@@ -87,7 +87,12 @@ class _Problem:
 
     def discretise(self, resolution: float | None, scale: float) -> None:
         """Put every segment cost on the grid, rounded up (default grid: scale / 1000)."""
-        self.resolution = resolution if resolution is not None else (scale / 1000 or 1.0)
+        if resolution is None:
+            scale = scale if scale > 0 else max((c for _, _, c, _ in self.pairs), default=1.0)
+            resolution = scale / 1000 or 1.0
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution = resolution
         self.unit = {(i, j): math.ceil(c / self.resolution - 1e-9) for i, j, c, _ in self.pairs}
         position = {p: k for k, p in enumerate(self.points)}
         grouped: dict[int, list[tuple[int, int, float]]] = {}

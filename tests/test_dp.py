@@ -166,3 +166,9 @@ def test_infeasible_budget_states_the_smallest():
     times = {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.5}
     with pytest.raises(dp.InfeasibleBudget, match="smallest feasible budget is 1.5"):
         dp.select(times, {(0, 2): 1.0, (0, 1): 1.0, (1, 2): 1.0}, 2, 1.0, resolution=0.5)
+
+
+def test_non_positive_budget_is_infeasible():
+    times = {(0, 1): 1.0}
+    with pytest.raises(dp.InfeasibleBudget):
+        dp.select(times, {(0, 1): 1.0}, 1, -3.0)

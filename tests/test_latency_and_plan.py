@@ -238,3 +238,13 @@ def test_measure_latency_times_a_whole_model():
     with warnings.catch_warnings():
         result = fxmerge.measure_latency(tiny_mbv2(), (X,), rounds=1, repeats=2, min_repeat_ms=1, warmup_ms=0)
     assert result.ms > 0 and result.repeats == 2
+
+
+def test_onnxruntime_backend_table():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = randomize(nn.Sequential(block(3, 4, 3), block(4, 4, 1))).eval()
+    x = torch.randn(1, 3, 16, 16)
+    table = fxmerge.LatencyTable.measure(model, (x,), backend="onnxruntime", repeats=2, rounds=1, min_repeat_ms=0.5)
+    assert table.fingerprint["backend"] == "onnxruntime" and table.missing(fxmerge.analyze(model, (x,))) == []
+    assert fxmerge.plan(model, table).num_convs >= 1
