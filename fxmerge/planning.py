@@ -84,9 +84,10 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
 
     ``budget`` is a fraction of the BatchNorm-folded original's predicted latency, ``budget_ms``
     an absolute one. Without a budget every activation stays and blocks merge only where the
-    table says merging is faster. ``importance[(chain, i, j)]`` scores keeping the activations
-    at positions i and j of a chain with every one between them dropped (pairs it lacks may not
-    be chosen); without it every kept activation is worth 1. ``example_inputs`` defaults to
+    table says merging is faster. ``importance`` (an :class:`~fxmerge.ImportanceTable`, or a
+    mapping ``(chain, i, j) -> score``) scores keeping the activations at positions i and j of a
+    chain with every one between them dropped (pairs it lacks may not be chosen); without it
+    every kept activation is worth 1. ``example_inputs`` defaults to
     random inputs of the shapes the table was measured with.
 
     The plan records the predicted latencies (``plan.info``) and prints as a report.
@@ -102,6 +103,8 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
     if importance is None:
         log.info("fxmerge: no importance given, every kept activation counts 1; "
                  "real importance needs data (ImportanceTable)")
+    if hasattr(importance, "extend"):  # an ImportanceTable: extend its entries to every pair
+        importance = importance.extend(analysis)
     problem = _concatenate(analysis, cost, importance)
     reference = latency_table.reference(analysis)
     rest = reference["rest_ms"] if reference else 0.0
