@@ -1,7 +1,7 @@
 """The user-facing entry points: one function per arrow of the data flow (DESIGN.md)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -9,6 +9,9 @@ import torch.nn as nn
 
 from fxmerge.passes.analysis import Analysis, BlockLimits, analyze_graph
 from fxmerge.passes.tracing import propagate_shapes, trace
+
+if TYPE_CHECKING:
+    from fxmerge.plans import Plan
 
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,

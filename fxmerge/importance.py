@@ -21,7 +21,6 @@ its own partial file, and rank 0 writes the full table.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from tabulate import tabulate
 
 from fxmerge.api import analyze
 from fxmerge.errors import FxMergeError
+from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, Chain
 from fxmerge.passes.rewrite import linearize
 from fxmerge.plans import Plan
@@ -243,27 +243,20 @@ class ImportanceTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImportanceTable":
-        if d.get("format") != FORMAT or d.get("version") != VERSION:
-            raise FxMergeError(f"not an fxmerge importance table of version {VERSION}")
+        check_header(d, FORMAT, VERSION)
         return cls({(c, i, j): v for c, i, j, v in d["scores"]}, d.get("meta"))
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_json(path, self.to_dict())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceTable":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def __str__(self) -> str:
         rows = [[c, f"({i}, {j}]", f"{v:+.4f}"] for (c, i, j), v in sorted(self.scores.items())]
         head = f"fxmerge importance table: {len(self.scores)} pairs ({self.meta.get('estimator', '?')})"
         return head + "\n" + tabulate(rows, headers=["chain", "segment", "score"])
-
-
-def _write_json(path: str | os.PathLike, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
 
 
 def _evaluate(pairs: list[Pair], score: Callable[[int, Pair], float], path: str | os.PathLike | None,
@@ -283,13 +276,13 @@ def _evaluate(pairs: list[Pair], score: Callable[[int, Pair], float], path: str 
             continue
         done[pair] = float(score(index, pair))
         if partial is not None:
-            _write_json(partial, ImportanceTable(done, meta).to_dict())
+            write_json(partial, ImportanceTable(done, meta).to_dict())
         bar.step()
     if world > 1:
         gathered: list[dict] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, done)
         done = {p: v for part in gathered for p, v in part.items()}
         if path is not None and rank == 0:
-            _write_json(path, ImportanceTable(done, meta).to_dict())
+            write_json(path, ImportanceTable(done, meta).to_dict())
         dist.barrier()
     return {p: done[p] for p in pairs}

@@ -15,7 +15,6 @@ resumes where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from fxmerge.api import analyze
 from fxmerge.convs import conv_for_geometry
 from fxmerge.cost import CostModel, add_key, conv_key, model_key
 from fxmerge.errors import FxMergeError
+from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.passes.rewrite import merge
@@ -156,7 +156,9 @@ class LatencyTable:
             probe_ms = original_ms * t["probe"].ms / t["folded"].ms
             overhead = max(0.0, (resid_fold - (probe_ms - cost.terms_ms(probe))) / (ops_fold - cost.op_count(probe)))
             overhead = min(overhead, max(resid_fold, 0.0) / ops_fold)  # the rest cannot be negative
-        return {"original_ms": original_ms, "rest_ms": resid_fold - overhead * ops_fold, "overhead_ms": overhead,
+        # A negative rest (isolated terms summing to more than the whole model, seen with very
+        # short timings) would let budgets below zero look feasible: clamp it.
+        return {"original_ms": original_ms, "rest_ms": max(0.0, resid_fold - overhead * ops_fold), "overhead_ms": overhead,
                 "inputs": [list(t.shape) for t in example_inputs]}
 
     def overhead_ms(self, analysis: Analysis) -> float:
@@ -225,20 +227,15 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyTable":
-        if d.get("format") != FORMAT:
-            raise FxMergeError(f"not an fxmerge latency table (format={d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise FxMergeError(f"latency table version {d.get('version')} is not supported (expected {VERSION})")
+        check_header(d, FORMAT, VERSION)
         return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"), d.get("pending"))
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)  # never leaves a half-written table behind
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def __len__(self) -> int:
         return len(self.entries)

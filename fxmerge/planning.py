@@ -8,7 +8,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from tabulate import tabulate
 
 from fxmerge.api import analyze
 from fxmerge.cost import CostModel
@@ -23,7 +22,12 @@ Importance = Mapping[tuple[int, int, int], float]  # (chain index, i, j) -> scor
 
 
 class InfeasibleBudgetError(FxMergeError):
-    """No plan fits the latency budget; the message states the smallest feasible budget."""
+    """No plan fits the latency budget; ``smallest_ms`` (also in the message) is the least
+    budget that has one."""
+
+    def __init__(self, message: str, smallest_ms: float):
+        super().__init__(message)
+        self.smallest_ms = smallest_ms
 
 
 @dataclass
@@ -153,7 +157,7 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
     except dp.InfeasibleBudget as exc:
         raise InfeasibleBudgetError(
             f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {exc.smallest + rest:.4g} ms "
-            "(predicted end-to-end). Raise the budget.") from None
+            "(predicted end-to-end). Raise the budget.", exc.smallest + rest) from None
     choice = {}
     for chain in analysis.chains:
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]

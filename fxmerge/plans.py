@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from fxmerge.errors import InvalidPlanError, PlanMismatchError
+from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.dp import optimal_merge_times
 
 FORMAT, VERSION = "fxmerge.plan", 1
@@ -210,10 +211,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if d.get("format") != FORMAT:
-            raise PlanMismatchError(f"not an fxmerge plan (format={d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise PlanMismatchError(f"plan format version {d.get('version')} is not supported (expected {VERSION})")
+        check_header(d, FORMAT, VERSION, PlanMismatchError)
         plan = cls([ChainPlan.from_dict(c) for c in d["chains"]], dict(d.get("info", {})))
         for i, c in enumerate(plan.chains):
             validate_chain(c, i)
@@ -227,11 +225,11 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_json(Path(path).read_text())
+        return cls.from_dict(read_json(path))
 
 
 def validate_chain(c: ChainPlan, index: int) -> None:

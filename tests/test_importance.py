@@ -13,6 +13,7 @@ import torch
 import fxmerge
 from fxmerge import importance as imp_mod
 from fxmerge.importance import ImportanceTable, candidate_pairs, sgd_finetune
+from conftest import feasible_budget
 from importance_models import data, neg_loss, small_net
 
 
@@ -106,7 +107,7 @@ def test_importance_drives_the_plan():
     neighbours = {(0, a, b): ext[(0, a, b)] for a, b in zip(points[:-1], points[1:])}
     keep_all = fxmerge.plan(model, table, budget=10.0, importance=neighbours)
     assert keep_all.chains[0].keep == tuple(analysis.chains[0].droppable)
-    chosen = fxmerge.plan(model, table, budget=0.95, importance=imp)
+    chosen = fxmerge.plan(model, table, budget_ms=feasible_budget(model, table, importance=imp), importance=imp)
     kept = [0, *chosen.chains[0].keep, analysis.chains[0].length]
     assert all((0, a, b) in ext for a, b in zip(kept[:-1], kept[1:]))
 
