@@ -15,6 +15,7 @@ compare like for like. About 5 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 
@@ -84,6 +85,17 @@ def batches(data, size: int, seed: int | None = None):
     return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, len(y), size)]
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    """Train with more threads than the latency measurements use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(model: nn.Module, data, epochs: int, lr: float, seed: int) -> nn.Module:
     steps = epochs * len(batches(data, 64))
     loader = [b for e in range(epochs) for b in batches(data, 64, seed + e)]
@@ -101,29 +113,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads for latency timing (stable on shared CPUs)")
     parser.add_argument("--train-threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.train_threads)
+    torch.set_num_threads(args.threads)  # everything that is timed or planned; training uses more
     start = time.perf_counter()
     torch.manual_seed(0)
     train_set, holdout, test = load_digits()
     test_acc = accuracy(batches(test, 250))
 
-    model = train(DigitNet(), train_set, args.epochs, lr=0.05, seed=0).eval()
+    with threads(args.train_threads):
+        model = train(DigitNet(), train_set, args.epochs, lr=0.05, seed=0).eval()
     print(f"trained DigitNet: test accuracy {test_acc(model):.1f}% ({time.perf_counter() - start:.0f} s)")
 
     x = test[0][: args.batch]
-    torch.set_num_threads(args.threads)
     table = fxmerge.LatencyTable.measure(model, (x,))
-    torch.set_num_threads(args.train_threads)
     analysis = fxmerge.analyze(model, (x,), limits=table.block_limits())
     print(f"latency table: {len(table)} entries ({time.perf_counter() - start:.0f} s)")
 
     finetune_data = batches(train_set, 32, seed=100)
-    importance = fxmerge.ImportanceTable.estimate(
-        model, (x,), analysis=analysis, eval_fn=accuracy(batches(holdout, 250)),
-        train_fn=sgd_finetune(finetune_data, steps=args.importance_steps, lr=0.01))
+    with threads(args.train_threads):
+        importance = fxmerge.ImportanceTable.estimate(
+            model, (x,), analysis=analysis, eval_fn=accuracy(batches(holdout, 250)),
+            train_fn=sgd_finetune(finetune_data, steps=args.importance_steps, lr=0.01))
     print(f"importance: {len(importance)} entries ({time.perf_counter() - start:.0f} s)")
 
-    baseline = train(copy.deepcopy(model), train_set, args.finetune_epochs, lr=0.01, seed=7).eval()
+    with threads(args.train_threads):
+        baseline = train(copy.deepcopy(model), train_set, args.finetune_epochs, lr=0.01, seed=7).eval()
     base_acc = test_acc(baseline)
     modules = {"original": fxmerge.merge(model, fxmerge.Plan.fold_only(analysis))}
     rows, results = [], {}
@@ -135,16 +148,18 @@ def main() -> None:
             except fxmerge.InfeasibleBudgetError as exc:
                 print(f"{name}: {exc}")
                 continue
-            linear = train(fxmerge.linearize(model, plan), train_set, args.finetune_epochs, lr=0.01, seed=7).eval()
+            with threads(args.train_threads):
+                linear = train(fxmerge.linearize(model, plan), train_set, args.finetune_epochs, lr=0.01, seed=7).eval()
             merged = fxmerge.merge(linear, plan).eval()
             with torch.no_grad():
                 same = (merged(test[0]) - linear(test[0])).abs().max().item()
             modules[name] = merged
             results[name] = (budget, kind, plan, test_acc(linear), test_acc(merged), same)
-    torch.set_num_threads(args.threads)
     timings = compare_latency(modules, (x,))
     base_ms = timings["original"].ms
-    rows.append(["original", "-", analysis.num_layers, "-", f"{base_ms:.2f}", "1.00x", f"{base_acc:.1f}", "-", "-"])
+    original_pred = fxmerge.plan(model, table, analysis=analysis).info["predicted_ms"]["original"]
+    rows.append(["original", "-", analysis.num_layers, f"{original_pred:.2f}", f"{base_ms:.2f}", "1.00x",
+                 f"{base_acc:.1f}", "-", "-"])
     for name, (budget, kind, plan, lin_acc, merged_acc, same) in results.items():
         ms = timings[name].ms
         rows.append([budget, kind, plan.num_convs, f"{plan.info['predicted_ms']['planned']:.2f}", f"{ms:.2f}",

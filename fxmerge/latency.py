@@ -201,7 +201,7 @@ class LatencyTable:
         diff = {k: (self.fingerprint.get(k), v) for k, v in here.items() if k in self.fingerprint and self.fingerprint[k] != v}
         if diff:
             text = ", ".join(f"{k}: table {a!r} vs here {b!r}" for k, (a, b) in diff.items())
-            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=3)
+            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=4)
 
     def check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
         """Warn when the table's fingerprint differs from this process and these inputs."""
