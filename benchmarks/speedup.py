@@ -54,16 +54,16 @@ def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...]) -
             plans[budget] = fxmerge.plan(model, table, budget=budget, example_inputs=(x,), analysis=analysis)
             modules[budget] = fxmerge.merge(model, plans[budget])
         except fxmerge.InfeasibleBudgetError as exc:
-            rows.append([name, backend, budget, "-", "-", "-", "-", str(exc).split("; ")[1].split(" (")[0]])
+            rows.append([name, backend, budget, "-", "-", "-", "-", "-", str(exc).split("; ")[1].split(" (")[0]])
     timings = compare_latency(modules, (x,), backend=backend)
     base = timings["original"].ms
     original_pred = fxmerge.plan(model, table, example_inputs=(x,), analysis=analysis).info["predicted_ms"]["original"]
     out = [[name, backend, "original", analysis.num_layers, f"{original_pred:.2f}", f"{base:.2f}",
-             f"{100 * (base - original_pred) / original_pred:+.1f}%", f"1.00x (table {table_s:.0f} s)"]]
+             f"{100 * (base - original_pred) / original_pred:+.1f}%", "1.00x", f"1.00x (table {table_s:.0f} s)"]]
     for budget, chosen in plans.items():
         pred, meas = chosen.info["predicted_ms"]["planned"], timings[budget].ms
         out.append([name, backend, budget, chosen.num_convs, f"{pred:.2f}", f"{meas:.2f}",
-                    f"{100 * (meas - pred) / pred:+.1f}%", f"{base / meas:.2f}x"])
+                    f"{100 * (meas - pred) / pred:+.1f}%", f"{original_pred / pred:.2f}x", f"{base / meas:.2f}x"])
     return out + rows
 
 
@@ -83,7 +83,7 @@ def main() -> None:
         for name in args.models.split(","):
             rows += run(name, backend, budgets, shape)
             print(tabulate(rows, headers=["model", "backend", "budget", "convs", "predicted ms", "measured ms",
-                                          "pred. error", "speed-up vs BN-folded"]), flush=True)
+                                          "pred. error", "pred. speed-up", "speed-up vs BN-folded"]), flush=True)
             print()
     print(f"torch {torch.__version__}, {args.threads} thread(s), input {shape}")
 
