@@ -96,6 +96,8 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
 
     The plan records the predicted latencies (``plan.info``) and prints as a report.
     """
+    if budget is not None and budget_ms is not None:
+        raise FxMergeError("give budget (a fraction) or budget_ms, not both")
     example_inputs = _example_inputs(latency_table, example_inputs)
     latency_table.check_environment(example_inputs)
     if analysis is None:
@@ -104,27 +106,21 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
         latency_table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
     latency_table.require(analysis)
     cost = CostModel(analysis, latency_table.ms, latency_table.overhead_ms(analysis))
-    if importance is None:
-        log.info("fxmerge: no importance given, every kept activation counts 1; "
-                 "real importance needs data (ImportanceTable)")
-    if hasattr(importance, "extend"):  # an ImportanceTable: extend its entries to every pair
-        importance = importance.extend(analysis)
-    problem = _concatenate(analysis, cost, importance)
     reference = latency_table.reference(analysis)
     rest = reference["rest_ms"] if reference else 0.0
     original = rest + cost.terms_ms(Plan.fold_only(analysis))
-    if budget is not None and budget_ms is not None:
-        raise FxMergeError("give budget (a fraction) or budget_ms, not both")
     if budget is None and budget_ms is None:
-        chosen = _keep_all_merge_where_faster(analysis, cost)
+        chosen, target = _keep_all_merge_where_faster(analysis, cost), None
     else:
+        if importance is None:
+            log.info("fxmerge: no importance given, every kept activation counts 1; "
+                     "real importance needs data (ImportanceTable)")
+        elif hasattr(importance, "extend"):  # an ImportanceTable: extend its entries to every pair
+            importance = importance.extend(analysis)
         target = budget * original if budget is not None else budget_ms
-        chosen = _select(analysis, problem, target - rest, rest, resolution)
-    result = chosen
-    result.info.update(_report(analysis, cost, result, rest, original, reference is not None,
-                               budget_ms=None if budget is None and budget_ms is None else
-                               (budget * original if budget is not None else budget_ms)))
-    return result
+        chosen = _select(analysis, _concatenate(analysis, cost, importance), target - rest, rest, resolution)
+    chosen.info.update(_report(analysis, cost, chosen, rest, original, reference is not None, target))
+    return chosen
 
 
 def _example_inputs(table: Any, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:

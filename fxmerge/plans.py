@@ -217,13 +217,6 @@ class Plan:
             validate_chain(c, i)
         return plan
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
-
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict(), indent=1)
 

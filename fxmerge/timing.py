@@ -89,13 +89,6 @@ def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[
     return lambda: session.run(None, feeds)
 
 
-def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, repeats: int = 7,
-                  min_repeat_ms: float = 10.0) -> Timing:
-    """Median milliseconds per call of ``fn`` (see the module docstring)."""
-    calls = calibrate(fn, device, warmup=warmup, min_repeat_ms=min_repeat_ms)
-    return Timing.from_samples(sample(fn, device, calls, repeats), calls)
-
-
 def calibrate(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_repeat_ms: float = 10.0,
               warmup_ms: float = 0.0) -> int:
     """Warm ``fn`` up (``warmup`` calls and at least ``warmup_ms``) and return how many calls

@@ -145,12 +145,6 @@ class Analysis:
     def num_layers(self) -> int:
         return sum(c.length for c in self.chains)
 
-    def chain_of(self, conv: str) -> Chain:
-        for c in self.chains:
-            if any(layer.conv == conv for layer in c.layers):
-                return c
-        raise KeyError(conv)
-
     def summary_table(self) -> str:
         rows = []
         for c in self.chains:
@@ -251,7 +245,6 @@ class _Graph:
     def __init__(self, gm: fx.GraphModule, layers: list[Layer]):
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.layers = layers
         self.by_input: dict[str, list[Layer]] = {}
         for layer in layers:
             self.by_input.setdefault(self.input_of(layer).name, []).append(layer)
