@@ -44,6 +44,15 @@ def test_torchvision_model(name):
     else:
         assert _mergeable(res.analysis)
         assert count_convs(res.merged["drop_all"]) < count_convs(res.linearized["drop_all"])
+    for gm in (res.linearized["drop_all"], res.merged["drop_all"]):  # every output plugs into compile/export
+        assert_compiles_and_exports(gm, x)
+
+
+def assert_compiles_and_exports(gm, x):
+    with torch.no_grad():
+        ref = gm(x)
+        torch.testing.assert_close(torch.compile(gm, backend="aot_eager")(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.export.export(gm, (x,)).module()(x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mobilenet_v2_structure_matches_the_paper():
@@ -102,8 +111,5 @@ def test_pretrained_efficientnet_lite0(efficientnet_lite0):
     assert len(chain.droppable) >= 30
     assert count_convs(res.merged["drop_all"]) < count_convs(res.linearized["drop_all"])
     check_exact(efficientnet_lite0, (x[:1, :, :48, :48],), dtype=torch.float64, plans=("drop_all",), finetune=False)
-    merged = res.merged["drop_all"]
-    with torch.no_grad():
-        ref = merged(x)
-        torch.testing.assert_close(torch.compile(merged, backend="aot_eager")(x), ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.export.export(merged, (x,)).module()(x), ref, rtol=1e-5, atol=1e-5)
+    for gm in (res.linearized["drop_all"], res.merged["drop_all"]):
+        assert_compiles_and_exports(gm, x)
