@@ -151,14 +151,24 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
         sel = dp.select(problem.times, problem.importance, problem.length, budget, candidates=problem.candidates,
                         position_costs=problem.position_costs, resolution=resolution)
     except dp.InfeasibleBudget as exc:
+        smallest = exc.smallest + rest
         raise InfeasibleBudgetError(
-            f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {exc.smallest + rest:.4g} ms "
-            "(predicted end-to-end). Raise the budget.", exc.smallest + rest) from None
+            f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {smallest:.4g} ms "
+            f"(predicted end-to-end). Raise the budget.{_hint(analysis, problem, smallest, rest)}", smallest) from None
     choice = {}
     for chain in analysis.chains:
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
         choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
     return Plan.from_positions(analysis, choice)
+
+
+def _hint(analysis: Analysis, problem: _Concatenated, smallest: float, rest: float) -> str:
+    original = rest + sum(problem.times[(problem.offsets[c.index] + p - 1, problem.offsets[c.index] + p)]
+                          for c in analysis.chains for p in range(1, c.length + 1))
+    if smallest >= 0.95 * original:
+        return (" On this hardware and backend merging barely pays for this model: the table says the merged "
+                "convs cost about what the layers they replace do.")
+    return ""
 
 
 def probe_plan(analysis: Analysis, cost: CostModel) -> Plan | None:

@@ -172,3 +172,16 @@ def test_non_positive_budget_is_infeasible():
     times = {(0, 1): 1.0}
     with pytest.raises(dp.InfeasibleBudget):
         dp.select(times, {(0, 1): 1.0}, 1, -3.0)
+
+
+def test_dp_file_runs_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('dp', sys.argv[1]); "
+            "dp = sys.modules['dp'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(dp); "
+            "print(dp.select({(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.5}, {(0, 1): 1, (1, 2): 1, (0, 2): 1}, 2, 2.0).kept); "
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code, dp.__file__], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1,)"
