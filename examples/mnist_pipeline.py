@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="initial training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--importance-steps", type=int, default=20, help="fine-tuning steps per importance entry")
+    parser.add_argument("--alpha", type=float, default=0.0,
+                        help="importance normalisation (METHOD.md §4.4): subtract alpha x the mean single-layer score")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the latency measurements")
     parser.add_argument("--threads", type=int, default=1, help="threads for latency timing (stable on shared CPUs)")
     parser.add_argument("--train-threads", type=int, default=2)
@@ -133,6 +135,8 @@ def main() -> None:
         importance = fxmerge.ImportanceTable.estimate(
             model, (x,), analysis=analysis, eval_fn=accuracy(batches(holdout, 250)),
             train_fn=sgd_finetune(finetune_data, steps=args.importance_steps, lr=0.01))
+    if args.alpha:
+        importance = importance.normalized(args.alpha)
     print(f"importance: {len(importance)} entries ({time.perf_counter() - start:.0f} s)")
 
     with threads(args.train_threads):

@@ -167,3 +167,14 @@ def test_analysis_prints_tables(mbv2):
     text = str(analysis)
     assert "chain" in text and "features_1_conv_0_0" in text and "ReLU6" in text
     assert "pooling" in text  # why the chain ends
+
+
+def test_custom_tracer_is_used():
+    class LeafBranchy(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Branchy) or super().is_leaf_module(m, qualname)
+
+    analysis = fxmerge.analyze(Untraceable(), (torch.randn(1, 3, 8, 8),), tracer=LeafBranchy())
+    assert analysis.chains == []
+    node_ops = {n.op for n in analysis.graph_module.graph.nodes}
+    assert "call_module" in node_ops  # Branchy stayed a leaf: traced by the user's tracer
