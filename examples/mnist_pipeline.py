@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="initial training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--importance-steps", type=int, default=20, help="fine-tuning steps per importance entry")
-    parser.add_argument("--alpha", type=float, default=0.0,
+    parser.add_argument("--alpha", type=float, default=1.0,
                         help="importance normalisation (METHOD.md §4.4): subtract alpha x the mean single-layer score")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the latency measurements")
     parser.add_argument("--threads", type=int, default=1, help="threads for latency timing (stable on shared CPUs)")
