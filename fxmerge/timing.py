@@ -157,22 +157,29 @@ def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[t
 
 
 class Progress:
-    """A one-line progress bar on a terminal (silent when stderr is no terminal)."""
+    """Progress of a long run on stderr: a one-line bar on a terminal; elsewhere (logs,
+    notebooks) a plain line every ``every_s`` seconds, so short runs stay silent."""
 
-    def __init__(self, total: int, what: str, enabled: bool | None = None):
+    def __init__(self, total: int, what: str, enabled: bool | None = None, every_s: float = 10.0):
         self.total, self.what, self.done = total, what, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.every_s = every_s
+        self.start = self.last = time.perf_counter()
 
     def step(self, n: int = 1) -> None:
         self.done += n
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        elapsed = now - self.start
         left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        filled = int(30 * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                         f"{elapsed:5.1f}s, ~{left:4.0f}s left ")
-        if self.done >= self.total:
-            sys.stderr.write("\n")
+        if self.tty:
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                             f"{elapsed:5.1f}s, ~{left:4.0f}s left ")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+        elif now - self.last >= self.every_s:
+            sys.stderr.write(f"{self.what}: {self.done}/{self.total} after {elapsed:.0f}s, ~{left:.0f}s left\n")
+            self.last = now
+        else:
+            return
         sys.stderr.flush()

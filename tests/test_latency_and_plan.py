@@ -249,3 +249,12 @@ def test_onnxruntime_backend_table():
     table = fxmerge.LatencyTable.measure(model, (x,), backend="onnxruntime", repeats=2, rounds=1, min_repeat_ms=0.5)
     assert table.fingerprint["backend"] == "onnxruntime" and table.missing(fxmerge.analyze(model, (x,))) == []
     assert fxmerge.plan(model, table).num_convs >= 1
+
+
+def test_progress_reports_long_runs_off_terminal(capsys):
+    bar = timing.Progress(3, "work", enabled=False, every_s=0.0)
+    bar.step()
+    assert "work: 1/3" in capsys.readouterr().err
+    quiet = timing.Progress(3, "work", enabled=False)  # short runs off a terminal print nothing
+    quiet.step(3)
+    assert capsys.readouterr().err == ""
