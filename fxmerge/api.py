@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxmerge.passes.analysis import Analysis, BlockLimits, analyze_graph
-from fxmerge.passes.tracing import propagate_shapes, trace
+from fxmerge.passes.tracing import as_inputs, propagate_shapes, trace
 
 if TYPE_CHECKING:
     from fxmerge.plans import Plan
@@ -29,8 +29,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer:
     >>> a.chains[0].length, len(a.chains[0].droppable)
     (52, 34)
     """
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    example_inputs = as_inputs(example_inputs)
     gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     propagate_shapes(gm, example_inputs)
     return analyze_graph(gm, limits)

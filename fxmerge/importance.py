@@ -36,6 +36,7 @@ from fxmerge.errors import FxMergeError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, Chain
 from fxmerge.passes.rewrite import linearize
+from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
 from fxmerge.timing import Progress
 
@@ -218,7 +219,7 @@ class ImportanceTable:
                   analysis: Analysis | None = None, **trace_kwargs: Any) -> "ImportanceTable":
         """Training-free: score = -(squared output change / output energy), averaged over
         ``batches`` (each a tensor or a tuple of model inputs). 0 means unchanged."""
-        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in batches]
+        batches = [as_inputs(b) for b in batches]
         analysis = analysis or analyze(model, batches[0], **trace_kwargs)
         model = copy.deepcopy(model).eval()
         with torch.no_grad():

@@ -32,6 +32,7 @@ from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.passes.rewrite import merge
+from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
 from fxmerge.timing import BACKENDS, Progress, Timing, calibrate, compare_latency, device_name, runner, sample
 
@@ -72,7 +73,7 @@ class LatencyTable:
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
         follow them). With ``path``, finished entries are saved as they come and an existing
         file there is resumed."""
-        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        example_inputs = as_inputs(example_inputs)
         if backend not in BACKENDS:
             raise FxMergeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         table = cls(fingerprint=environment(example_inputs, backend))
@@ -90,7 +91,7 @@ class LatencyTable:
                         reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
         """Measure the terms ``model`` needs that the table lacks (and its end-to-end
         reference, unless ``reference=False``); returns ``self``."""
-        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        example_inputs = as_inputs(example_inputs)
         backend = self.fingerprint.setdefault("backend", "eager")
         self._check_environment(example_inputs)
         if analysis is None:

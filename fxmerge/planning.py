@@ -14,6 +14,7 @@ from fxmerge.cost import CostModel
 from fxmerge.errors import FxMergeError
 from fxmerge.passes import dp
 from fxmerge.passes.analysis import Analysis, Chain
+from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
 
 log = logging.getLogger("fxmerge")
@@ -125,7 +126,7 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
 
 def _example_inputs(table: Any, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
     if example_inputs is not None:
-        return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        return as_inputs(example_inputs)
     shapes = [r["inputs"] for r in table.references.values()]
     if len(shapes) != 1:
         raise FxMergeError("pass example_inputs: the latency table holds no single reference input shape")

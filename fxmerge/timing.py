@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from fxmerge.errors import FxMergeError
+from fxmerge.passes.tracing import as_inputs
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
 
@@ -143,8 +144,7 @@ def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[t
     """Time several modules interleaved: each round samples every module in turn, so a machine
     whose speed drifts (shared hosts do, by tens of percent over tens of seconds) shifts them
     all alike and their ratios stay honest."""
-    if not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    example_inputs = as_inputs(example_inputs)
     device = example_inputs[0].device
     fns = {name: runner(m, example_inputs, backend) for name, m in modules.items()}
     calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms) for name, fn in fns.items()}

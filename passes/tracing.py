@@ -16,6 +16,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxmerge.errors import FxMergeError, TraceFailedError
 
 
+def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Example inputs as a tuple (a single tensor is accepted too, as a convenience)."""
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip ``torch.compile`` wrappers (their ``_orig_mod`` is the real model)."""
     while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
