@@ -34,7 +34,7 @@ from tabulate import tabulate
 from fxmerge.api import analyze
 from fxmerge.errors import FxMergeError
 from fxmerge.serialization import check_header, read_json, write_json
-from fxmerge.passes.analysis import Analysis, Chain
+from fxmerge.passes.analysis import Analysis
 from fxmerge.passes.rewrite import linearize
 from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
@@ -45,13 +45,6 @@ Pair = tuple[int, int, int]  # (chain index, i, j)
 
 
 # --------------------------------------------------------------------------- candidates
-
-
-def chain_points(chain: Chain) -> list[int]:
-    """Positions that can be consecutive kept activations: the chain's ends, its droppable
-    activations and the breaks whose activation must stay."""
-    forced = {p for p in chain.breaks if p in chain.activations}
-    return [0] + sorted(set(chain.droppable) | forced) + [chain.length]
 
 
 def candidate_pairs(analysis: Analysis) -> list[Pair]:
@@ -175,7 +168,7 @@ class ImportanceTable:
                                 best = value
                     if best is not None:
                         ext[(i, j)] = best
-            points = chain_points(chain)
+            points = chain.kept_candidates
             out.update({(chain.index, i, j): ext[(i, j)] for a, i in enumerate(points) for j in points[a + 1:]
                         if (i, j) in ext})
         return out

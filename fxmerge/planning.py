@@ -15,7 +15,7 @@ from fxmerge.errors import FxMergeError
 from fxmerge.passes import dp
 from fxmerge.passes.analysis import Analysis, Chain
 from fxmerge.passes.tracing import as_inputs
-from fxmerge.plans import Plan
+from fxmerge.plans import Plan, cheapest_cover
 
 log = logging.getLogger("fxmerge")
 
@@ -47,11 +47,6 @@ class _Concatenated:
         return [p - off for p in positions if off < p < off + chain.length]
 
 
-def _forced(chain: Chain) -> set[int]:
-    """Interior positions whose activation stays whatever the plan (breaks that carry one)."""
-    return {p for p in chain.breaks if p in chain.activations}
-
-
 def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | None) -> _Concatenated:
     offsets, total = [], 0
     for chain in analysis.chains:
@@ -62,8 +57,7 @@ def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | N
         for i, j in chain.valid_blocks:
             times[(off + i, off + j)] = cost.block_ms(chain, i, j)
         acts = cost.activation_ms(chain)
-        forced = _forced(chain)
-        points = [0] + sorted(set(chain.droppable) | forced) + [chain.length]
+        forced, points = chain.forced, chain.kept_candidates
         for p in points[1:-1]:
             candidates.append(off + p)
             position_costs[off + p] = acts.get(p, 0.0)
@@ -138,12 +132,7 @@ def _keep_all_merge_where_faster(analysis: Analysis, cost: CostModel) -> Plan:
     choice = {}
     for chain in analysis.chains:
         times = {(i, j): cost.block_ms(chain, i, j) for i, j in chain.valid_blocks}
-        _, breaks = dp.optimal_merge_times(times)
-        cuts = sorted({0, chain.length, *chain.droppable, *chain.breaks})
-        bounds = set()
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            bounds.update(breaks[(a, b)])
-        choice[chain.index] = (chain.droppable, bounds - {0, chain.length})
+        choice[chain.index] = (chain.droppable, cheapest_cover(chain, [*chain.droppable, *chain.breaks], times))
     return Plan.from_positions(analysis, choice)
 
 

@@ -87,10 +87,11 @@ def _structure(chain: Any) -> dict:
     )
 
 
-def fewest_blocks(chain: Any, fixed: Iterable[int]) -> tuple[int, ...]:
-    """Boundaries ⊇ ``fixed`` that cover each run between them with the fewest valid blocks."""
+def cheapest_cover(chain: Any, fixed: Iterable[int], times: dict[tuple[int, int], float] | None = None) -> tuple[int, ...]:
+    """Boundaries ⊇ ``fixed`` that cover each run between them with valid blocks at the least
+    summed ``times`` (default: every block counts 1, so the fewest blocks)."""
     cuts = sorted({0, chain.length, *fixed})
-    _, breaks = optimal_merge_times({b: 1.0 for b in chain.valid_blocks})
+    _, breaks = optimal_merge_times(times if times is not None else {b: 1.0 for b in chain.valid_blocks})
     out: set[int] = set()
     for a, b in zip(cuts[:-1], cuts[1:]):
         out.update(breaks[(a, b)])
@@ -136,7 +137,7 @@ class Plan:
             keep, bounds = choice.get(chain.index, (chain.droppable, None))
             keep = tuple(sorted(set(keep)))
             fixed = set(keep) | set(chain.breaks)
-            bounds = fewest_blocks(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | fixed))
+            bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | fixed))
             cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds)
             validate_chain(cp, chain.index)
             chains.append(cp)

@@ -112,6 +112,17 @@ class Chain:
         """Interior positions whose activation a plan may drop."""
         return sorted(p for p in self.activations if 0 < p < self.length and p not in self.breaks)
 
+    @property
+    def forced(self) -> list[int]:
+        """Interior breaks that carry an activation: it stays, whatever the plan."""
+        return sorted(p for p in self.breaks if p in self.activations)
+
+    @property
+    def kept_candidates(self) -> list[int]:
+        """Positions that can be consecutive kept activations: the chain's ends, its droppable
+        activations and its forced ones."""
+        return [0] + sorted(set(self.droppable) | set(self.forced)) + [self.length]
+
     def skip_pairs(self) -> list[tuple[int, int]]:
         return [(s.source, s.target) for s in self.skips]
 
