@@ -93,7 +93,7 @@ class LatencyTable:
         reference, unless ``reference=False``); returns ``self``."""
         example_inputs = as_inputs(example_inputs)
         backend = self.fingerprint.setdefault("backend", "eager")
-        self._check_environment(example_inputs)
+        self.check_environment(example_inputs)
         if analysis is None:
             analysis = analyze(model, example_inputs, limits=self.block_limits(), **trace_kwargs)
         x = example_inputs[0]
@@ -197,16 +197,13 @@ class LatencyTable:
     def block_limits(self) -> BlockLimits:
         return BlockLimits(**self.limits) if self.limits else BlockLimits()
 
-    def _check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
+    def check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        """Warn when the table's fingerprint differs from this process and these inputs."""
         here = environment(example_inputs, self.fingerprint.get("backend", "eager"))
         diff = {k: (self.fingerprint.get(k), v) for k, v in here.items() if k in self.fingerprint and self.fingerprint[k] != v}
         if diff:
             text = ", ".join(f"{k}: table {a!r} vs here {b!r}" for k, (a, b) in diff.items())
-            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=4)
-
-    def check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
-        """Warn when the table's fingerprint differs from this process and these inputs."""
-        self._check_environment(example_inputs)
+            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=3)
 
     # ---------------------------------------------------------------- combining, JSON
 
