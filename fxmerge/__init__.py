@@ -17,7 +17,8 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
 
 from fxmerge.algebra import ConvGeometry
 from fxmerge.api import analyze, compress, plan_of
-from fxmerge.errors import FxMergeError, InvalidPlanError, PlanMismatchError, TraceFailedError
+from fxmerge.errors import (EnvironmentMismatchError, FxMergeError, InvalidArgumentError, InvalidPlanError,
+                             MalformedFileError, PlanMismatchError, TraceFailedError, UnsupportedModelError)
 from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable, MissingLatencyError
 from fxmerge.planning import InfeasibleBudgetError, plan
@@ -28,9 +29,9 @@ from fxmerge.passes.rewrite import linearize, merge
 from fxmerge.plans import ChainPlan, Plan
 
 __all__ = [
-    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "FxMergeError", "ImportanceTable",
-    "InfeasibleBudgetError",
-    "InvalidPlanError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
+    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
+    "ImportanceTable", "InfeasibleBudgetError", "InvalidArgumentError", "InvalidPlanError", "MalformedFileError",
+    "UnsupportedModelError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
     "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of", "register_activation",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,28 @@
-"""The public exception types. Every message names the node or block and says what to do."""
+"""The public exception types. Every message names the argument, file, node or block and says
+what to do. All of them are :class:`FxMergeError`, so ``except fxmerge.FxMergeError`` catches
+everything fxmerge raises on purpose."""
 
 
 class FxMergeError(Exception):
     """Base class of every error fxmerge raises on purpose."""
+
+
+class InvalidArgumentError(FxMergeError, ValueError):
+    """An argument of a public function or CLI command has the wrong type or value."""
+
+
+class MalformedFileError(FxMergeError):
+    """A plan, latency-table or importance file cannot be read: not JSON, truncated, or with
+    entries of the wrong type (the message names the file and the entry)."""
+
+
+class EnvironmentMismatchError(FxMergeError):
+    """A file was made for another backend, dtype, device or model than it is used with."""
+
+
+class UnsupportedModelError(FxMergeError):
+    """The model holds something fxmerge cannot handle faithfully (e.g. forward pre-hooks that
+    rewrite conv weights, or an already exported ATen graph)."""
 
 
 class TraceFailedError(FxMergeError):
