@@ -16,17 +16,16 @@ depthwise. Paddings are ``((before, after), ...)`` per spatial dimension in natu
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Pads = tuple[tuple[int, int], ...]
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,10 @@ class ConvGeometry:
         return len(self.kernel)
 
     @property
+    def has_padding(self) -> bool:
+        return any(lo or hi for lo, hi in self.padding)
+
+    @property
     def is_depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
 
@@ -56,6 +59,10 @@ class ConvGeometry:
             parts.append("s" + "x".join(map(str, self.stride)))
         if any(d != 1 for d in self.dilation):
             parts.append("d" + "x".join(map(str, self.dilation)))
+        if self.has_padding:
+            sym = is_symmetric(self.padding)
+            parts.append("p" + ("x".join(str(lo) for lo, _ in self.padding) if sym else
+                                ",".join(f"{lo}-{hi}" for lo, hi in self.padding)))
         if self.groups > 1:
             parts.append("dw" if self.is_depthwise else f"g{self.groups}")
         return " ".join(parts)
@@ -207,9 +214,26 @@ def _grouped_matvec(mat: Tensor, vec: Tensor, groups: int) -> Tensor:
     return y.reshape(out_ch)
 
 
+def _pointwise(first: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """``first`` (mid, in/g, *K) followed by a 1x..x1 conv ``weight`` (out, mid/groups): a
+    grouped matrix product (``groups`` is a multiple of ``first``'s group count g)."""
+    out_ch, mid = weight.shape[0], first.shape[0]
+    if out_ch == groups == mid:  # depthwise: each output row scales one input row
+        return first * weight.reshape((out_ch,) + (1,) * (first.dim() - 1))
+    lhs = weight.reshape(groups, out_ch // groups, mid // groups)
+    rhs = first.reshape(groups, mid // groups, -1)
+    return (lhs @ rhs).reshape((out_ch,) + tuple(first.shape[1:]))
+
+
 def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
             dilation: Sequence[int], groups: int) -> ConvState:
-    """The state followed by one convolution (no padding between them)."""
+    """The state followed by one convolution (no padding between them).
+
+    The merged kernel is the full convolution of the two kernels: every tap b of the layer
+    contributes its (grouped) matrix product with the state's kernel, shifted by b on the
+    state's input grid. Tap by tap costs exactly out x mid x in x |K_state| x |k| multiply-adds,
+    where a convolution over the zero-padded kernel would also multiply the padding.
+    """
     ndim = weight.dim() - 2
     k2 = tuple(weight.shape[2:])
     step = tuple(s * d for s, d in zip(state.stride, dilation))
@@ -223,18 +247,15 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     # so a grouped product is exact and a depthwise layer costs what a depthwise conv costs.
     g = math.gcd(state.groups, groups)
     first = regroup(state.weight, state.groups, g)
-    if all(k == 1 for k in k2):  # pointwise: a grouped matrix product is much cheaper
-        mid, out_ch = first.shape[0], weight.shape[0]
-        lhs = weight.reshape(groups, out_ch // groups, mid // groups)
-        rhs = first.reshape(groups, mid // groups, -1)
-        composed = (lhs @ rhs).reshape((out_ch,) + tuple(first.shape[1:]))
+    kernel = tuple(first.shape[2:])
+    if all(k == 1 for k in k2):
+        composed = _pointwise(first, weight.reshape(weight.shape[:2]), groups)
     else:
-        # Full convolution of the kernels, computed as a cross-correlation of the first kernel
-        # (read as a batch of in/g images with `mid` channels) with the flipped second kernel.
-        composed = _CONV_FN[ndim](
-            first.transpose(0, 1), weight.flip(list(range(2, 2 + ndim))),
-            padding=tuple(st * (k - 1) for st, k in zip(step, k2)), dilation=step, groups=groups,
-        ).transpose(0, 1)
+        size = tuple(ks + st * (k - 1) for ks, st, k in zip(kernel, step, k2))
+        composed = first.new_zeros((weight.shape[0], first.shape[1]) + size)
+        for tap in itertools.product(*(range(k) for k in k2)):
+            window = tuple(slice(t * st, t * st + ks) for t, st, ks in zip(tap, step, kernel))
+            composed[(slice(None), slice(None)) + window] += _pointwise(first, weight[(slice(None), slice(None)) + tap], groups)
     new_bias = _grouped_matvec(weight.sum(dim=list(range(2, 2 + ndim))), state.bias, groups)
     if bias is not None:
         new_bias = new_bias + bias
