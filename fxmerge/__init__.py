@@ -16,7 +16,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
     __path__.append(_root)
 
 from fxmerge.algebra import ConvGeometry
-from fxmerge.api import analyze, compress, plan_of
+from fxmerge.api import analyze, compress, plan_of, reparameterize
 from fxmerge.errors import (EnvironmentMismatchError, FxMergeError, InvalidArgumentError, InvalidPlanError,
                              MalformedFileError, PlanMismatchError, TraceFailedError, UnsupportedModelError)
 from fxmerge.importance import ImportanceTable
@@ -24,7 +24,7 @@ from fxmerge.latency import LatencyTable, MissingLatencyError
 from fxmerge.planning import InfeasibleBudgetError, plan
 from fxmerge.timing import measure_latency
 from fxmerge.passes.analysis import Analysis, BlockLimits, Chain
-from fxmerge.passes.patterns import register_activation
+from fxmerge.passes.patterns import activation_registry, register_activation, unregister_activation
 from fxmerge.passes.rewrite import linearize, merge
 from fxmerge.plans import ChainPlan, Plan
 
@@ -32,6 +32,7 @@ __all__ = [
     "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
     "ImportanceTable", "InfeasibleBudgetError", "InvalidArgumentError", "InvalidPlanError", "MalformedFileError",
     "UnsupportedModelError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
-    "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of", "register_activation",
+    "activation_registry", "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of",
+    "register_activation", "reparameterize", "unregister_activation",
 ]
 __version__ = "0.1.0"

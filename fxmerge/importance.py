@@ -156,7 +156,8 @@ class ImportanceTable:
         out: dict[Pair, float] = {}
         for chain in analysis.chains:
             measured = {(i, j): v for (c, i, j), v in self.scores.items() if c == chain.index}
-            free = [p for p in range(1, chain.length) if p not in chain.activations]
+            # splits only where nothing can be kept: a border position is a choice of its own
+            free = [p for p in range(1, chain.length) if p not in chain.activations and p not in chain.borders]
             ext: dict[tuple[int, int], float] = {}
             for j in range(1, chain.length + 1):
                 for i in range(j):

@@ -132,7 +132,8 @@ def _keep_all_merge_where_faster(analysis: Analysis, cost: CostModel) -> Plan:
     choice = {}
     for chain in analysis.chains:
         times = {(i, j): cost.block_ms(chain, i, j) for i, j in chain.valid_blocks}
-        choice[chain.index] = (chain.droppable, cheapest_cover(chain, [*chain.droppable, *chain.breaks], times))
+        fixed = [*chain.droppable, *chain.breaks, *chain.borders]  # exact merges only
+        choice[chain.index] = (chain.droppable, cheapest_cover(chain, fixed, times))
     return Plan.from_positions(analysis, choice)
 
 

@@ -1,7 +1,10 @@
 """``Plan``: which activations each chain keeps and where its merged convolutions end.
 
-A plan carries the structure it was made for (node names of every layer, activation and skip
-add), so it applies to any freshly traced copy of the same model and round-trips through JSON.
+A plan carries the structure it was made for — per chain the layers (node names and
+geometry), activation kinds, identity skips, forced breaks and consumers — and the example input
+shapes. Applying it re-traces the model and compares that structure first, so a plan cannot be
+applied to a model it does not fit (:class:`~fxmerge.PlanMismatchError` names the first
+difference). Plans round-trip through JSON.
 """
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from fxmerge.errors import InvalidPlanError, PlanMismatchError
+from fxmerge.errors import InvalidPlanError, MalformedFileError, PlanMismatchError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.dp import optimal_merge_times
 
-FORMAT, VERSION = "fxmerge.plan", 1
+FORMAT, VERSION = "fxmerge.plan", 2
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,10 @@ class ChainPlan:
 
     ``layers[p - 1]`` is ``(conv, pad, bn)`` of layer p; ``activations`` maps positions to
     activation nodes; ``skips`` are ``(source, target, add node)``; ``breaks`` are interior
-    forced breaks. ``keep`` holds the droppable positions whose activation stays and
-    ``boundaries`` the interior positions where a merged convolution ends (⊇ keep ∪ breaks).
+    forced breaks; ``borders`` are activation-free positions whose next layer pads its input
+    (a merge across one moves that padding). ``keep`` holds the droppable positions whose
+    activation stays and ``boundaries`` the interior positions where a merged convolution
+    ends (⊇ keep ∪ breaks). ``signature`` is the chain's recorded structure.
     """
 
     layers: tuple[tuple[str, str | None, str | None], ...]
@@ -34,6 +39,8 @@ class ChainPlan:
     breaks: tuple[int, ...]
     keep: tuple[int, ...]
     boundaries: tuple[int, ...]
+    borders: tuple[int, ...] = ()
+    signature: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -51,6 +58,16 @@ class ChainPlan:
         cuts = (0,) + self.boundaries + (self.length,)
         return list(zip(cuts[:-1], cuts[1:]))
 
+    def moved_borders(self, a: int, b: int) -> list[int]:
+        """Border positions segment (a, b] merges across: the original's zero padding there
+        moves to the segment's front, which changes the output near the image borders."""
+        return [p for p in self.borders if a < p < b]
+
+    @property
+    def is_exact(self) -> bool:
+        """Whether this chain computes what the original did: nothing dropped, no padding moved."""
+        return not self.dropped and not any(self.moved_borders(a, b) for a, b in self.segments())
+
     def name(self) -> str:
         return self.layers[0][0] if self.length == 1 else f"{self.layers[0][0]}..{self.layers[-1][0]}"
 
@@ -64,8 +81,10 @@ class ChainPlan:
             "activations": {str(p): n for p, n in sorted(self.activations.items())},
             "skips": [list(s) for s in self.skips],
             "breaks": list(self.breaks),
+            "borders": list(self.borders),
             "keep": [self.activations[p] for p in self.keep],
             "merge_after": [self.layers[p - 1][0] for p in self.boundaries],
+            "signature": dict(self.signature),
         }
 
     @classmethod
@@ -74,8 +93,12 @@ class ChainPlan:
         acts = {int(p): n for p, n in d["activations"].items()}
         by_act = {n: p for p, n in acts.items()}
         by_conv = {c: p for p, (c, _, _) in enumerate(layers, start=1)}
+        unknown = [n for n in d["keep"] if n not in by_act] + [c for c in d["merge_after"] if c not in by_conv]
+        if unknown:
+            raise InvalidPlanError(f"kept activations / merge boundaries {unknown} are not nodes of this chain")
         return cls(layers, acts, tuple(tuple(s) for s in d["skips"]), tuple(d["breaks"]),
-                   tuple(sorted(by_act[n] for n in d["keep"])), tuple(sorted(by_conv[c] for c in d["merge_after"])))
+                   tuple(sorted(by_act[n] for n in d["keep"])), tuple(sorted(by_conv[c] for c in d["merge_after"])),
+                   tuple(d["borders"]), dict(d["signature"]))
 
 
 def _structure(chain: Any) -> dict:
@@ -84,6 +107,8 @@ def _structure(chain: Any) -> dict:
         activations={p: name for p, (name, _) in chain.activations.items()},
         skips=tuple((s.source, s.target, s.add) for s in chain.skips),
         breaks=tuple(sorted(chain.breaks)),
+        borders=tuple(chain.borders),
+        signature=chain.signature(),
     )
 
 
@@ -102,24 +127,29 @@ def cheapest_cover(chain: Any, fixed: Iterable[int], times: dict[tuple[int, int]
 class Plan:
     """Per chain, the kept activations and the merge boundaries.
 
-    Build one with :meth:`keep_all`, :meth:`drop_all`, :meth:`from_sets` or the DP
-    (``fxmerge.plan``); apply it with ``fxmerge.linearize`` / ``fxmerge.merge``.
+    Build one with :meth:`keep_all`, :meth:`fold_only`, :meth:`drop_all`, :meth:`from_sets` or
+    the DP (``fxmerge.plan``); apply it with ``fxmerge.linearize`` / ``fxmerge.merge``.
+    ``inputs`` records the example input shapes the plan was made at (re-tracing a model
+    whose padding depends on the input size needs them).
     """
 
     chains: list[ChainPlan]
     info: dict = field(default_factory=dict)
+    inputs: list[dict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
     def keep_all(cls, analysis: Any) -> "Plan":
-        """Keep every activation; merge every activation-free run as far as valid."""
+        """Keep every activation; merge every activation-free run as far as merging stays exact
+        (never across a border position): the result equals the original model."""
         return cls.from_positions(analysis, {c.index: (c.droppable, None) for c in analysis.chains})
 
     @classmethod
     def drop_all(cls, analysis: Any) -> "Plan":
-        """Drop every droppable activation; merge as far as valid."""
-        return cls.from_positions(analysis, {c.index: ((), None) for c in analysis.chains})
+        """Drop every droppable activation and merge as far as valid, border positions included
+        (the most merging the analysis allows; not equal to the original)."""
+        return cls.from_positions(analysis, {c.index: ((), None) for c in analysis.chains}, lossy=True)
 
     @classmethod
     def fold_only(cls, analysis: Any) -> "Plan":
@@ -128,27 +158,32 @@ class Plan:
         return cls.from_positions(analysis, {c.index: (c.droppable, range(1, c.length)) for c in analysis.chains})
 
     @classmethod
-    def from_positions(cls, analysis: Any, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]]) -> "Plan":
+    def from_positions(cls, analysis: Any, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]], *,
+                       lossy: bool = False) -> "Plan":
         """``choice[chain index] = (kept positions, boundaries or None)``; None merges each run
-        between kept activations and forced breaks with the fewest valid blocks. Chains not in
-        ``choice`` keep all activations."""
+        between kept activations and forced breaks with the fewest valid blocks — and, unless
+        ``lossy``, never across a border position. Chains not in ``choice`` keep all activations."""
         chains = []
         for chain in analysis.chains:
             keep, bounds = choice.get(chain.index, (chain.droppable, None))
             keep = tuple(sorted(set(keep)))
-            fixed = set(keep) | set(chain.breaks)
-            bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | fixed))
+            fixed = set(keep) | set(chain.breaks) | (set() if lossy else set(chain.borders))
+            bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | set(keep) | set(chain.breaks)))
             cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds)
             validate_chain(cp, chain.index)
             chains.append(cp)
-        return cls(chains)
+        return cls(chains, inputs=list(getattr(analysis, "inputs", [])))
 
     @classmethod
-    def from_sets(cls, analysis: Any, keep: Iterable[str], merge_after: Iterable[str] | None = None) -> "Plan":
+    def from_sets(cls, analysis: Any, keep: Iterable[str], merge_after: Iterable[str] | None = None, *,
+                  lossy: bool = False) -> "Plan":
         """A plan from explicit node names: ``keep`` the activation nodes to keep (every other
         droppable one is dropped); ``merge_after`` the conv nodes after which a merged conv
-        must end (None: merge as far as valid). Raises :class:`InvalidPlanError` on names that
-        are not droppable activations / layers, or on boundaries that break a merge rule."""
+        must end (None: merge as far as valid, across border positions only if ``lossy``).
+        Raises :class:`InvalidPlanError` on names that are not droppable activations / layers,
+        or on boundaries that break a merge rule."""
+        if isinstance(keep, str) or (merge_after is not None and isinstance(merge_after, str)):
+            raise InvalidPlanError("keep and merge_after are collections of node names, not one string")
         keep, cut = set(keep), None if merge_after is None else set(merge_after)
         choice = {}
         for chain in analysis.chains:
@@ -164,7 +199,26 @@ class Plan:
                                    "see print(fxmerge.analyze(...)) for the droppable ones")
         if cut:
             raise InvalidPlanError(f"not conv layers of this model: {sorted(cut)}")
-        return cls.from_positions(analysis, choice)
+        return cls.from_positions(analysis, choice, lossy=lossy)
+
+    # ------------------------------------------------------------------ structure
+
+    def check_structure(self, analysis: Any) -> None:
+        """Raise :class:`PlanMismatchError` naming the first difference between the structure
+        this plan was made for and ``analysis`` (a fresh trace of the model it is applied to)."""
+        chains = analysis.chains
+        for index, (cp, chain) in enumerate(zip(self.chains, chains)):
+            difference = _first_difference(cp.signature, chain.signature())
+            if difference:
+                raise PlanMismatchError(
+                    f"plan built for a different model: chain {index} ({cp.name()}): {difference}. "
+                    "Build the plan from this model (fxmerge.analyze / fxmerge.plan) or trace it the same way.")
+        if len(chains) != len(self.chains):
+            extra = [c.name() for c in chains[len(self.chains):]] or [c.name() for c in self.chains[len(chains):]]
+            raise PlanMismatchError(
+                f"plan built for a different model: the plan has {len(self.chains)} chain(s), this model "
+                f"{len(chains)} ({extra} only in {'this model' if len(chains) > len(self.chains) else 'the plan'}). "
+                "Build the plan from this model (fxmerge.analyze / fxmerge.plan).")
 
     # ------------------------------------------------------------------ queries
 
@@ -177,30 +231,47 @@ class Plan:
         """Convolutions in the planned chains after merging."""
         return sum(len(c.segments()) for c in self.chains)
 
+    @property
+    def is_exact(self) -> bool:
+        """Whether merging with this plan gives the original model's function (up to float
+        rounding): no activation dropped and no padding moved across a border position."""
+        return all(c.is_exact for c in self.chains)
+
+    def border_changing(self) -> list[tuple[int, int, int]]:
+        """``(chain, a, b)`` of every merged segment that moves padding across a border position."""
+        return [(i, a, b) for i, c in enumerate(self.chains) for a, b in c.segments() if c.moved_borders(a, b)]
+
     def __str__(self) -> str:
         from tabulate import tabulate
 
         rows = []
         for i, c in enumerate(self.chains):
-            merged = [c.block_name(a, b) for a, b in c.segments() if b - a > 1]
+            merged = [c.block_name(a, b) + (" (borders change)" if c.moved_borders(a, b) else "")
+                      for a, b in c.segments() if b - a > 1]
             rows.append([i, c.name(), c.length, len(c.segments()), f"{len(c.keep)}/{len(c.droppable)}",
                          "; ".join(merged) or "-"])
         table = tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks"])
-        head = f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs"
+        exact = "exact: equals the original model" if self.is_exact else (
+            f"lossy: drops {sum(len(c.dropped) for c in self.chains)} activations, "
+            f"{len(self.border_changing())} merges move padding across borders")
+        head = (f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs; "
+                f"{exact}")
         return "\n".join([head, self.prediction_report() if "predicted_ms" in self.info else table])
 
     def prediction_report(self) -> str:
-        """One row per merged conv (layers it replaces, kernel, groups, predicted ms) and the
-        predicted totals, for plans made by ``fxmerge.plan``."""
+        """One row per merged conv (layers it replaces, kernel, groups, whether it moves padding
+        across a border, predicted ms) and the predicted totals, for plans made by ``fxmerge.plan``."""
         from tabulate import tabulate
 
         info = self.info
-        rows = [[r["chain"], r["layers"], r["replaces"], r["kernel"], r["groups"], f"{r['ms']:.3f}"]
+        lossy = {(ci, a, b) for ci, a, b in self.border_changing()}
+        rows = [[r["chain"], r["layers"], r["replaces"], r["kernel"], r["groups"],
+                 "borders change" if (r["chain"], *r["block"]) in lossy else "", f"{r['ms']:.3f}"]
                 for r in info.get("merged", [])]
         pred = info["predicted_ms"]
         scope = "end to end" if info.get("end_to_end") else "chains only: the table has no reference for this model"
         budget = f"; budget {info['budget_ms']:.3f} ms" if info.get("budget_ms") is not None else ""
-        table = tabulate(rows, headers=["chain", "merged conv replaces", "layers", "kernel", "groups", "pred. ms"]) \
+        table = tabulate(rows, headers=["chain", "merged conv replaces", "layers", "kernel", "groups", "", "pred. ms"]) \
             if rows else "(no merged convs)"
         return (f"{table}\npredicted latency ({scope}): original {pred['original']:.3f} ms -> planned "
                 f"{pred['planned']:.3f} ms ({pred['original'] / pred['planned']:.2f}x faster){budget}")
@@ -208,12 +279,27 @@ class Plan:
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "chains": [c.to_dict() for c in self.chains], "info": self.info}
+        return {"format": FORMAT, "version": VERSION, "inputs": self.inputs, "chains": [c.to_dict() for c in self.chains],
+                "info": self.info}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        check_header(d, FORMAT, VERSION, PlanMismatchError)
-        plan = cls([ChainPlan.from_dict(c) for c in d["chains"]], dict(d.get("info", {})))
+    def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
+        """A plan from its JSON form; a malformed one raises :class:`MalformedFileError` naming
+        ``source`` and what is wrong."""
+        if not isinstance(d, dict):
+            raise MalformedFileError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") == FORMAT and d.get("version") == 1:
+            raise MalformedFileError(f"{source}: a version-1 plan, which predates structure records (plans are now "
+                                     "checked against the model's structure). Re-create it with fxmerge.plan.")
+        check_header(d, FORMAT, VERSION, MalformedFileError)
+        try:
+            chains = [ChainPlan.from_dict(c) for c in d["chains"]]
+            plan = cls(chains, dict(d.get("info", {})), [dict(x) for x in d["inputs"]])
+        except InvalidPlanError as exc:
+            raise MalformedFileError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedFileError(f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); "
+                                     "was it written by fxmerge's Plan.save?") from None
         for i, c in enumerate(plan.chains):
             validate_chain(c, i)
         return plan
@@ -223,7 +309,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def validate_chain(c: ChainPlan, index: int) -> None:
@@ -242,3 +328,26 @@ def validate_chain(c: ChainPlan, index: int) -> None:
                     f"{where}: merged block {c.block_name(a, b)} cuts the residual '{add}' "
                     f"({s}, {t}); end the block at {s} or {t}, or let it contain the whole span")
 
+
+
+def _first_difference(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """A sentence naming the first structural difference between two chain signatures."""
+    if not recorded:
+        return "the plan carries no structure record"
+    rec_layers, layers = recorded["layers"], found["layers"]
+    for p, (a, b) in enumerate(zip(rec_layers, layers), start=1):
+        if a != b:
+            return f"layer {p}: the plan has {a[0]} ({a[3]}), this model {b[0]} ({b[3]})"
+    if len(rec_layers) != len(layers):
+        return (f"{len(rec_layers)} layers in the plan, {len(layers)} in this model, where it ends at "
+                f"{found['end']}")
+    for key, what in (("activations", "activation"), ("breaks", "forced break")):
+        rec, now = recorded[key], found[key]
+        for p in sorted(set(rec) | set(now), key=int):
+            if rec.get(p) != now.get(p):
+                return (f"position {p}: {what} {rec.get(p, 'none')!r} in the plan, {now.get(p, 'none')!r} in this model")
+    if recorded["skips"] != found["skips"]:
+        return f"residuals differ: {recorded['skips']} in the plan, {found['skips']} in this model"
+    if recorded["end"] != found["end"]:
+        return f"it ends at {recorded['end']!r} in the plan, at {found['end']!r} in this model"
+    return None

@@ -20,10 +20,10 @@ from typing import Sequence
 import torch.fx as fx
 from tabulate import tabulate
 
-from fxmerge.algebra import ConvGeometry, merged_geometry
+from fxmerge.algebra import ConvGeometry
 
 from . import patterns
-from .tracing import shape_of
+from .tracing import TRACE_RECORD, shape_of
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,10 @@ class BlockLimits:
     max_kernel_ratio: float = 1.5
     max_macs_ratio: float | None = 12.0
 
-    def allows(self, spec: ConvGeometry, layers: Sequence["Layer"]) -> bool:
-        input_shape = layers[0].input_shape
+    def allows(self, spec: ConvGeometry, input_shape: Sequence[int] | None, output_shape: Sequence[int] | None,
+               replaced_macs: int | None) -> bool:
+        """Whether a multi-layer block with merged geometry ``spec`` is a candidate, given its
+        input and output shapes and the multiply-adds of the layers it replaces."""
         spatial = list(input_shape[2:]) if input_shape is not None else [None] * spec.ndim
         for k, d, size in zip(spec.kernel, spec.dilation, spatial):
             extent = d * (k - 1) + 1
@@ -53,9 +55,8 @@ class BlockLimits:
                 return False
             if size is not None and extent > self.max_kernel_ratio * size:
                 return False
-        if self.max_macs_ratio is not None and all(l.output_shape for l in layers):
-            merged = conv_macs(spec, layers[-1].output_shape)
-            return merged <= self.max_macs_ratio * sum(conv_macs(l.geometry, l.output_shape) for l in layers)
+        if self.max_macs_ratio is not None and output_shape is not None and replaced_macs:
+            return conv_macs(spec, output_shape) <= self.max_macs_ratio * replaced_macs
         return True
 
 
@@ -99,6 +100,7 @@ class Chain:
     skips: list[Skip]
     breaks: dict[int, str]  # interior forced breaks -> reason
     end_reason: str
+    borders: list[int] = field(default_factory=list)  # see `border_positions`
     valid_blocks: list[tuple[int, int]] = field(default_factory=list)
     specs: dict[tuple[int, int], ConvGeometry] = field(default_factory=dict)
     input_shapes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
@@ -119,9 +121,26 @@ class Chain:
 
     @property
     def kept_candidates(self) -> list[int]:
-        """Positions that can be consecutive kept activations: the chain's ends, its droppable
-        activations and its forced ones."""
-        return [0] + sorted(set(self.droppable) | set(self.forced)) + [self.length]
+        """Positions a plan may keep as they are: the chain's ends, its droppable and forced
+        activations, and its border positions (kept = a merge boundary there, so no padding
+        moves across it). Consecutive kept positions are what importance scores."""
+        return [0] + sorted(set(self.droppable) | set(self.forced) | set(self.borders)) + [self.length]
+
+    def is_exact(self, i: int, j: int) -> bool:
+        """Whether merging block (i, j] equals the original layers, borders included: no padded
+        layer after its first, so no padding has to move."""
+        return not any(i < p < j and self.layers[p].geometry.has_padding for p in range(i + 1, j))
+
+    def signature(self) -> dict:
+        """The chain's structure as plans record it: layers by node name and geometry,
+        activation kinds, identity skips, forced breaks and what consumes its end."""
+        return {
+            "layers": [[l.conv, l.pad, l.bn, l.geometry.describe()] for l in self.layers],
+            "activations": {str(p): [n, k] for p, (n, k) in sorted(self.activations.items())},
+            "skips": [[s.source, s.target, s.add] for s in self.skips],
+            "breaks": {str(p): r for p, r in sorted(self.breaks.items())},
+            "end": self.end_reason,
+        }
 
     def skip_pairs(self) -> list[tuple[int, int]]:
         return [(s.source, s.target) for s in self.skips]
@@ -131,16 +150,10 @@ class Chain:
         return first if first == last else f"{first}..{last}"
 
 
-def is_valid_block(i: int, j: int, breaks: Sequence[int], skips: Sequence[tuple[int, int]]) -> bool:
-    """METHOD.md §3: no forced break strictly inside, every skip nested in or disjoint from it."""
-    if any(i < b < j for b in breaks):
-        return False
-    return all(not (i < s < j < t) and not (s < i < t < j) for s, t in skips)
-
-
-def block_skips(i: int, j: int, skips: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Skips nested in block (i, j], relative to i."""
-    return [(s - i, t - i) for s, t in skips if i <= s and t <= j]
+def cuts_a_skip(i: int, j: int, skips: Sequence[tuple[int, int]]) -> bool:
+    """METHOD.md §3: a block is valid only if every skip span is nested in it or disjoint
+    from it (touching endpoints allowed); forced breaks are handled by the enumeration."""
+    return any(i < s < j < t or s < i < t < j for s, t in skips)
 
 
 @dataclass
@@ -150,19 +163,24 @@ class Analysis:
     graph_module: fx.GraphModule
     chains: list[Chain]
     limits: BlockLimits
-    unmergeable: dict[str, str]  # conv node -> why it is no layer
+    unmergeable: dict[str, str]  # conv node (or kept-whole module) -> why it is no layer
+    inputs: list[dict] = field(default_factory=list)  # example input shapes and dtypes
 
     @property
     def num_layers(self) -> int:
         return sum(c.length for c in self.chains)
 
+    def signature(self) -> list[dict]:
+        """Every chain's structure (see :meth:`Chain.signature`)."""
+        return [c.signature() for c in self.chains]
+
     def summary_table(self) -> str:
         rows = []
         for c in self.chains:
             breaks = "; ".join(f"@{p}: {r}" for p, r in sorted(c.breaks.items()))
-            rows.append([c.index, c.name(), c.length, len(c.droppable), len(c.skips), len(c.valid_blocks),
-                         breaks or "-", c.end_reason])
-        return tabulate(rows, headers=["chain", "layers", "L", "droppable", "skips", "valid blocks",
+            rows.append([c.index, c.name(), c.length, len(c.droppable), len(c.skips), len(c.borders),
+                         len(c.valid_blocks), breaks or "-", c.end_reason])
+        return tabulate(rows, headers=["chain", "layers", "L", "droppable", "skips", "borders", "valid blocks",
                                        "forced breaks", "ends at"], tablefmt="simple")
 
     def layer_table(self) -> str:
@@ -172,8 +190,9 @@ class Analysis:
             for p, layer in enumerate(c.layers, start=1):
                 act = c.activations.get(p)
                 mark = "" if act is None else (act[1] if p in c.droppable else f"{act[1]} (kept)")
+                note = "break" if p in c.breaks else ("border" if p in c.borders else "")
                 rows.append([c.index, p, layer.conv, layer.geometry.describe(), "BN" if layer.bn else "",
-                             skip_at.get(p, ""), mark, "break" if p in c.breaks else ""])
+                             skip_at.get(p, ""), mark, note])
         return tabulate(rows, headers=["chain", "pos", "conv", "geometry", "bn", "skip", "activation", ""],
                         tablefmt="simple")
 
@@ -183,22 +202,26 @@ class Analysis:
                 f"{sum(len(c.valid_blocks) for c in self.chains)} valid blocks "
                 f"(limits: kernel <= {self.limits.max_kernel} and <= {self.limits.max_kernel_ratio}x input, "
                 f"MACs <= {self.limits.max_macs_ratio}x)")
+        legend = ("\n'border': no activation there, but the next conv pads its input; a merge across it moves "
+                  "that padding and changes the output near the borders, so only budgeted plans do it "
+                  "(priced like dropping an activation).") if any(c.borders for c in self.chains) else ""
         extra = ""
         if self.unmergeable:
             extra = "\nconvs left alone:\n" + "\n".join(f"  {k}: {v}" for k, v in self.unmergeable.items())
-        return f"{head}\n\n{self.summary_table()}\n\n{self.layer_table()}{extra}"
+        return f"{head}\n\n{self.summary_table()}\n\n{self.layer_table()}{legend}{extra}"
 
 
 # --------------------------------------------------------------------------- finding layers
 
 
-def _sole_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
+def _sole_consumer(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    users = patterns.consumers(gm, node)
     return users[0] if len(users) == 1 else None
 
 
 def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], dict[str, str]]:
-    """Every convolution that can take part in a merge, in graph order, and why the others can't."""
+    """Every convolution that can take part in a merge, in graph order, and why the others
+    can't (convs kept inside opaque modules included: no conv disappears silently)."""
     layers, unmergeable = [], {}
     weight_uses: dict[str, int] = {}
     calls = []
@@ -206,6 +229,8 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], dict[str, str]]:
         call, why = patterns.conv_call(gm, node)
         if why:
             unmergeable[node.name] = why
+        elif call is None and node.op == "call_module" and patterns.is_conv_like(gm.get_submodule(node.target)):
+            unmergeable[node.name] = _opaque_reason(gm, node)
         if call is None:
             continue
         calls.append((node, call))
@@ -217,6 +242,13 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], dict[str, str]]:
             continue
         layers.append(_layer(gm, node, call))
     return layers, unmergeable
+
+
+def _opaque_reason(gm: fx.GraphModule, node: fx.Node) -> str:
+    module = gm.get_submodule(node.target)
+    why = gm.meta.get(TRACE_RECORD, {}).get("leaves", {}).get(node.target, "kept whole by the tracer (a leaf module)")
+    return (f"'{node.target}' ({type(module).__name__}) holds convs fxmerge cannot see into: {why}. "
+            "If it computes a plain conv (+pad), it is merged automatically; otherwise make it traceable.")
 
 
 def layer_geometry(gm: fx.GraphModule, conv: fx.Node, pad: fx.Node | None) -> ConvGeometry:
@@ -231,17 +263,17 @@ def layer_geometry(gm: fx.GraphModule, conv: fx.Node, pad: fx.Node | None) -> Co
 
 
 def _layer(gm: fx.GraphModule, conv: fx.Node, call: patterns.ConvCall) -> Layer:
-    pad_node, inp = None, conv.args[0]
-    if isinstance(inp, fx.Node) and len(inp.users) == 1 and patterns.zero_pad(gm, inp, call.geometry.ndim):
+    pad_node, inp = None, patterns.source(gm, conv.args[0])
+    if isinstance(inp, fx.Node) and len(patterns.consumers(gm, inp)) == 1 and patterns.zero_pad(gm, inp, call.geometry.ndim):
         pad_node = inp
     geom = layer_geometry(gm, conv, pad_node)
     bn_node = None
-    user = _sole_user(conv)
-    if user is not None:
+    user = _sole_consumer(gm, conv)
+    if user is not None and patterns.source(gm, user.args[0]) is conv:
         bn = patterns.batchnorm_call(gm, user)
         if bn is not None and bn.num_features == geom.out_channels:
             bn_node = user
-    inp = pad_node.args[0] if pad_node is not None else conv.args[0]
+    inp = patterns.source(gm, pad_node.args[0]) if pad_node is not None else inp
     out = bn_node or conv
     return Layer(conv.name, pad_node.name if pad_node else None, bn_node.name if bn_node else None, geom,
                  shape_of(inp), shape_of(out))
@@ -251,7 +283,8 @@ def _layer(gm: fx.GraphModule, conv: fx.Node, call: patterns.ConvCall) -> Layer:
 
 
 class _Graph:
-    """Lookups over one GraphModule shared by the chain walk."""
+    """Lookups over one GraphModule shared by the chain walk. A position is named by the node
+    that computes it (never an identity-in-eval op after it)."""
 
     def __init__(self, gm: fx.GraphModule, layers: list[Layer]):
         self.gm = gm
@@ -261,14 +294,20 @@ class _Graph:
             self.by_input.setdefault(self.input_of(layer).name, []).append(layer)
 
     def input_of(self, layer: Layer) -> fx.Node:
-        first = self.nodes[layer.pad or layer.conv]
-        return first.args[0]
+        return patterns.source(self.gm, self.first_node(layer).args[0])
 
     def output_of(self, layer: Layer) -> fx.Node:
         return self.nodes[layer.bn or layer.conv]
 
     def first_node(self, layer: Layer) -> fx.Node:
         return self.nodes[layer.pad or layer.conv]
+
+    def activation_after(self, node: fx.Node) -> fx.Node | None:
+        """The registered activation that is ``node``'s only consumer, if any."""
+        user = _sole_consumer(self.gm, node)
+        if user is not None and patterns.activation_kind(self.gm, user) and patterns.source(self.gm, user.args[0]) is node:
+            return user
+        return None
 
 
 def _walk(g: _Graph, start: Layer, taken: set[str], index: int) -> Chain:
@@ -282,35 +321,38 @@ def _walk(g: _Graph, start: Layer, taken: set[str], index: int) -> Chain:
         taken.add(current.conv)
         p = len(layers)
         node = g.output_of(current)
-        user = _sole_user(node)
-        kind = patterns.activation_kind(g.gm, user) if user is not None else None
-        if kind:
-            activations[p] = (user.name, kind)
-            node = user
-        elif user is not None and (skip := _identity_skip(user, node, positions, layers)) is not None:
-            skips.append(Skip(skip, p, user.name))
-            node = user
-            after = _sole_user(node)
-            kind = patterns.activation_kind(g.gm, after) if after is not None else None
-            if kind:
-                activations[p] = (after.name, kind)
-                node = after
+        act = g.activation_after(node)
+        if act is None:
+            user = _sole_consumer(g.gm, node)
+            skip = _identity_skip(g.gm, user, node, positions, layers) if user is not None else None
+            if skip is not None:
+                skips.append(Skip(skip, p, user.name))
+                node = user
+                act = g.activation_after(node)
+        if act is not None:
+            activations[p] = (act.name, patterns.activation_kind(g.gm, act))
+            node = act
         positions.append(node)
         nxt = [l for l in g.by_input.get(node.name, []) if l.conv not in taken]
         current = nxt[0] if len(nxt) == 1 else None
     chain = Chain(index, layers, [n.name for n in positions], activations, skips, {}, "")
     _mark_breaks(g, chain, positions)
+    chain.borders = border_positions(chain)
     return chain
 
 
-def _identity_skip(add: fx.Node, node: fx.Node, positions: list[fx.Node], layers: list[Layer]) -> int | None:
+def _identity_skip(gm: fx.GraphModule, add: fx.Node, node: fx.Node, positions: list[fx.Node],
+                   layers: list[Layer]) -> int | None:
     """The source position if ``add`` is ``node + x_s`` for an earlier position s of this chain
     with the same shape and stride 1 over the span (so the identity fits in a merged kernel)."""
     operands = patterns.add_operands(add)
-    if operands is None or node not in operands:
+    if operands is None:
         return None
-    other = operands[1] if operands[0] is node else operands[0]
-    if other is node or other not in positions:
+    a, b = (patterns.source(gm, o) for o in operands)
+    if node not in (a, b) or a is b:
+        return None
+    other = b if a is node else a
+    if other not in positions:
         return None
     s = positions.index(other)
     if shape_of(other) is None or shape_of(other) != shape_of(node):
@@ -327,12 +369,11 @@ def _mark_breaks(g: _Graph, chain: Chain, positions: list[fx.Node]) -> None:
         skip_users.setdefault(s.source, set()).add(s.add)
     for p in range(1, chain.length):
         expected = {g.first_node(chain.layers[p]).name} | skip_users.get(p, set())
-        extra = [u for u in positions[p].users if u.name not in expected]
+        extra = [u for u in patterns.consumers(g.gm, positions[p]) if u.name not in expected]
         if extra:
             chain.breaks[p] = "fan-out: also used by " + ", ".join(
                 patterns.describe_consumer(g.gm, u) for u in extra)
-    end = positions[-1]
-    users = list(end.users)
+    users = patterns.consumers(g.gm, positions[-1])
     if not users:
         chain.end_reason = "unused"
     elif len(users) == 1:
@@ -342,26 +383,92 @@ def _mark_breaks(g: _Graph, chain: Chain, positions: list[fx.Node]) -> None:
             patterns.describe_consumer(g.gm, u) for u in users)
 
 
+def border_positions(chain: Chain) -> list[int]:
+    """Interior positions without an activation or forced break whose next layer pads its
+    input: a merge across one moves that padding, which changes the output near the borders
+    (METHOD.md §2.4), so keeping the original function needs a merge boundary there."""
+    return [p for p in range(1, chain.length)
+            if p not in chain.activations and p not in chain.breaks and chain.layers[p].geometry.has_padding]
+
+
+# --------------------------------------------------------------------------- valid blocks
+
+
+class _Run:
+    """The merged geometry of layers i+1..j, grown one layer at a time (O(1) per step), so all
+    blocks of a chain cost O(L^2) instead of O(L^4). Mirrors :func:`algebra.merged_geometry`."""
+
+    def __init__(self, chain: Chain, i: int):
+        self.chain, self.i = chain, i
+        first = chain.layers[i].geometry
+        ndim = first.ndim
+        self.sigma = [1] * ndim  # product of the strides so far, per dimension
+        self.extent, self.grid = [0] * ndim, [0] * ndim
+        self.pad = [[0, 0] for _ in range(ndim)]
+        self.groups, self.macs = 0, 0
+        self.sigma_at: dict[int, list[int]] = {i: [1] * ndim}  # strides before each position
+        self.pad_sum: dict[int, list[int]] = {i: [0] * ndim}  # front padding summed up to each position (stride-1 runs)
+
+    def extend(self, j: int) -> ConvGeometry:
+        """Add layer j (the block becomes (i, j]) and return the block's merged geometry."""
+        chain, g = self.chain, self.chain.layers[j - 1].geometry
+        for d in range(g.ndim):
+            step = g.dilation[d] * self.sigma[d]
+            self.extent[d] += (g.kernel[d] - 1) * step
+            if g.kernel[d] > 1:
+                self.grid[d] = math.gcd(self.grid[d], step)
+            self.pad[d][0] += g.padding[d][0] * self.sigma[d]
+            self.pad[d][1] += g.padding[d][1] * self.sigma[d]
+            self.sigma[d] *= g.stride[d]
+        self.groups = math.gcd(self.groups, g.groups)
+        self.sigma_at[j] = list(self.sigma)
+        self.pad_sum[j] = [a + p[0] for a, p in zip(self.pad_sum[j - 1], g.padding)]
+        for s in chain.skips:
+            if s.target == j and s.source >= self.i:  # nested: its identity term sits at this offset
+                for d in range(g.ndim):
+                    offset = self.sigma_at[s.source][d] * (self.pad_sum[j][d] - self.pad_sum[s.source][d])
+                    self.grid[d] = math.gcd(self.grid[d], offset)
+        if chain.layers[j - 1].output_shape is not None:
+            self.macs += conv_macs(g, chain.layers[j - 1].output_shape)
+        first = chain.layers[self.i].geometry
+        grid = [gr or 1 for gr in self.grid]
+        return ConvGeometry(first.in_channels, g.out_channels, tuple(e // gr + 1 for e, gr in zip(self.extent, grid)),
+                            tuple(self.sigma), tuple((lo, hi) for lo, hi in self.pad), tuple(grid), self.groups)
+
+    def too_large(self, limits: BlockLimits) -> bool:
+        """Kernel bounds only grow with j: once exceeded, no longer block from i is a candidate."""
+        shape = self.chain.layers[self.i].input_shape
+        for d, e in enumerate(self.extent):
+            span = e + 1  # the pixels the merged kernel's taps span, dilated or not
+            if span > limits.max_kernel or (shape is not None and span > limits.max_kernel_ratio * shape[2 + d]):
+                return True
+        return False
+
+
 def _add_blocks(chain: Chain, limits: BlockLimits) -> None:
-    breaks, skips = list(chain.breaks), chain.skip_pairs()
+    skips = chain.skip_pairs()
     chain.input_shapes = {p: (chain.layers[p].input_shape if p < chain.length else chain.layers[-1].output_shape)
                           for p in range(chain.length + 1)}
     for i in range(chain.length):
+        run = _Run(chain, i)
         for j in range(i + 1, chain.length + 1):
-            if any(i < b < j for b in breaks):
+            if j - 1 > i and (j - 1) in chain.breaks:
+                break  # a forced break strictly inside: no longer block from i either
+            spec = run.extend(j)
+            if j - i > 1 and run.too_large(limits):
                 break
-            if not is_valid_block(i, j, breaks, skips):
+            if cuts_a_skip(i, j, skips):
                 continue
-            geoms = [layer.geometry for layer in chain.layers[i:j]]
-            spec = merged_geometry(geoms, block_skips(i, j, skips))
-            if j - i > 1 and not limits.allows(spec, chain.layers[i:j]):
+            if j - i > 1 and not limits.allows(spec, chain.input_shapes[i], chain.layers[j - 1].output_shape, run.macs):
                 continue
             chain.valid_blocks.append((i, j))
             chain.specs[(i, j)] = spec
 
 
-def analyze_graph(gm: fx.GraphModule, limits: BlockLimits | None = None) -> Analysis:
-    """Run the analysis on a GraphModule whose nodes already carry shapes (``tensor_meta``)."""
+def analyze_graph(gm: fx.GraphModule, limits: BlockLimits | None = None, *, blocks: bool = True,
+                  inputs: list[dict] | None = None) -> Analysis:
+    """Run the analysis on a prepared GraphModule (its nodes carry shapes, ``tensor_meta``).
+    ``blocks=False`` skips enumerating candidate blocks (enough to compare structures)."""
     limits = limits or BlockLimits()
     layers, unmergeable = find_layers(gm)
     g = _Graph(gm, layers)
@@ -371,6 +478,7 @@ def analyze_graph(gm: fx.GraphModule, limits: BlockLimits | None = None) -> Anal
         if layer.conv in taken:
             continue
         chain = _walk(g, layer, taken, len(chains))
-        _add_blocks(chain, limits)
+        if blocks:
+            _add_blocks(chain, limits)
         chains.append(chain)
-    return Analysis(gm, chains, limits, unmergeable)
+    return Analysis(gm, chains, limits, unmergeable, list(inputs or []))

@@ -1,27 +1,61 @@
 """Recognisers for the fx nodes the passes care about: convolutions, BatchNorm, zero pads,
-activations (module, function and method forms, from an extensible registry) and identity adds.
+activations (module, function and method forms, from an extensible registry), identity adds,
+ops that are the identity in eval mode (``nn.Identity``, dropout) and value-free nodes (shape
+reads, asserts).
 
 Modules are matched by exact type, as ``torch.fx.experimental.optimization.fuse`` does: a
-subclass with its own ``forward`` is traced through, not trusted.
+subclass with its own ``forward`` is traced through, not trusted. The exceptions compute
+exactly what their base class does: parametrized convs (``torch.nn.utils.parametrizations``)
+and BatchNorm's frozen and synchronised forms.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
+import math
 import operator
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from fxmerge.algebra import ConvGeometry, Pads, unflat_pad
 
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _batchnorm_modules() -> tuple[type, ...]:
+    """BatchNorm in the forms model zoos use: plain, synchronised (the same in eval) and frozen
+    (torchvision's detection backbones; timm re-uses it)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+_BN_MODULES = _batchnorm_modules()
+
+# Ops that are the identity in eval mode (fxmerge analyses and merges eval semantics).
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2, F.alpha_dropout: 2,
+                      F.feature_alpha_dropout: 2, torch.dropout: 2}  # -> index of the `training` argument
+_IDENTITY_METHODS = ("contiguous",)
+
+# Value-free nodes: they read a tensor's metadata, never its values, or compute on such reads.
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "get_device"}
+_ASSERTS = {torch._assert}
+_PURE_SCALAR_FUNCTIONS = {operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                          operator.ge, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                          operator.mod, operator.neg, operator.not_, builtins.getattr, math.ceil, math.floor}
 
 
 # --------------------------------------------------------------------------- activations
@@ -44,8 +78,13 @@ def register_activation(name: str, *, modules: Iterable[type] = (), functions: I
                         methods: Iterable[str] = ()) -> ActivationKind:
     """Teach the analysis a new elementwise activation (or more forms of a known one).
 
+    Registered module types are also kept whole when tracing (fx leaves), so an activation
+    written as a module with its own ``forward`` is seen as one node. The registry is global;
+    undo with :func:`unregister_activation`, or scope changes with :func:`activation_registry`.
+
     >>> import torch.nn as nn
-    >>> register_activation("Softsign", modules=[nn.Softsign]).name
+    >>> with activation_registry():
+    ...     register_activation("Softsign", modules=[nn.Softsign]).name
     'Softsign'
     """
     old = _ACTIVATIONS.get(name, ActivationKind(name))
@@ -55,7 +94,24 @@ def register_activation(name: str, *, modules: Iterable[type] = (), functions: I
     return kind
 
 
+def unregister_activation(name: str) -> None:
+    """Forget a registered activation kind (every form of it)."""
+    _ACTIVATIONS.pop(name, None)
+
+
+@contextlib.contextmanager
+def activation_registry() -> Iterator[None]:
+    """Restore the activation registry on exit: registrations inside the block are undone."""
+    saved = dict(_ACTIVATIONS)
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.clear()
+        _ACTIVATIONS.update(saved)
+
+
 def registered_activations() -> dict[str, ActivationKind]:
+    _register_zoo_activations()
     return dict(_ACTIVATIONS)
 
 
@@ -73,6 +129,41 @@ register_activation("SELU", modules=[nn.SELU], functions=[F.selu, torch.selu])
 register_activation("Sigmoid", modules=[nn.Sigmoid], functions=[torch.sigmoid, F.sigmoid], methods=["sigmoid", "sigmoid_"])
 register_activation("Hardsigmoid", modules=[nn.Hardsigmoid], functions=[F.hardsigmoid])
 register_activation("Tanh", modules=[nn.Tanh], functions=[torch.tanh, F.tanh], methods=["tanh", "tanh_"])
+register_activation("PReLU", modules=[nn.PReLU])
+
+_ZOO = {"done": False}
+
+
+def _register_zoo_activations() -> None:
+    """timm's activation modules and functions, registered under the kinds they compute — only
+    when the user's process already imported timm (never imported here: not a dependency)."""
+    if _ZOO["done"] or "timm" not in sys.modules:
+        return
+    _ZOO["done"] = True
+    try:
+        from timm.layers import activations as a, activations_me as me
+    except ImportError:  # a timm too old or too new to have these modules: nothing to add
+        return
+    forms = {
+        "SiLU": ([a.Swish, me.SwishMe], [a.swish, me.swish_me]),
+        "Mish": ([a.Mish, me.MishMe], [a.mish, me.mish_me]),
+        "Hardswish": ([a.HardSwish, me.HardSwishMe], [a.hard_swish, me.hard_swish_me]),
+        "Hardsigmoid": ([a.HardSigmoid, me.HardSigmoidMe], [a.hard_sigmoid, me.hard_sigmoid_me]),
+        "HardMish": ([a.HardMish, me.HardMishMe], [a.hard_mish, me.hard_mish_me]),
+        "GELU": ([a.GELU], [a.gelu]),
+        "GELUTanh": ([a.GELUTanh], [a.gelu_tanh]),
+        "QuickGELU": ([a.QuickGELU], [a.quick_gelu]),
+        "Sigmoid": ([a.Sigmoid], [a.sigmoid]),
+        "Tanh": ([a.Tanh], [a.tanh]),
+        "PReLU": ([a.PReLU], []),
+    }
+    for name, (modules, functions) in forms.items():
+        register_activation(name, modules=modules, functions=functions)
+
+
+def is_activation_module(module: nn.Module) -> bool:
+    """A registered activation module (traced as a leaf, so it stays one node)."""
+    return any(type(module) in kind.modules for kind in registered_activations().values())
 
 
 def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -81,7 +172,7 @@ def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None
     if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
         return None
-    for kind in _ACTIVATIONS.values():
+    for kind in registered_activations().values():
         if node.op == "call_module" and type(gm.get_submodule(node.target)) in kind.modules:
             return kind.name
         if node.op == "call_function" and node.target in kind.functions:
@@ -89,6 +180,76 @@ def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if node.op == "call_method" and node.target in kind.methods:
             return kind.name
     return None
+
+
+# --------------------------------------------------------------------------- identity-in-eval and value-free nodes
+
+
+def is_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that is the identity in eval mode: ``nn.Identity``, dropout in any form with
+    ``training=False`` semantics, ``x.contiguous()``. The analysis sees through them; the
+    rewrite leaves them where they are (dropout still trains) or removes them with a segment."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) in _IDENTITY_MODULES and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        return _arg(node, _DROPOUT_FUNCTIONS[node.target], "training" if node.target is not torch.dropout else "train",
+                    True) is False
+    return node.op == "call_method" and node.target in _IDENTITY_METHODS and len(node.args) == 1
+
+
+def through(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node`` followed forward through transparent sole users: the last node carrying its value."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not is_transparent(gm, user) or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
+def source(gm: fx.GraphModule, node: Any) -> Any:
+    """``node`` followed backward through transparent ops: the node that computed its value."""
+    while isinstance(node, fx.Node) and is_transparent(gm, node):
+        node = node.args[0]
+    return node
+
+
+def consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that use ``node``'s value, looking through transparent ops."""
+    out = []
+    for user in node.users:
+        if is_transparent(gm, user) and user.args[0] is node:
+            out += consumers(gm, user)
+        else:
+            out.append(user)
+    return out
+
+
+def is_value_free(node: fx.Node) -> bool:
+    """Reads only metadata (shape, dtype, ...) or computes on such reads, or is an assert."""
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+        return node.target in _ASSERTS or (node.target in _PURE_SCALAR_FUNCTIONS and not _has_tensor_args(node))
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return False
+
+
+def _has_tensor_args(node: fx.Node) -> bool:
+    """Whether an argument of ``node`` is a tensor (known from shape propagation or its op)."""
+    for arg in node.all_input_nodes:
+        if arg.op in ("placeholder", "call_module", "get_attr") or "tensor_meta" in arg.meta:
+            return True
+        if arg.op in ("call_function", "call_method") and not is_value_free(arg):
+            return True
+    return False
+
+
+def is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ASSERTS
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -130,7 +291,7 @@ def conv_call(gm: fx.GraphModule, node: fx.Node) -> tuple[ConvCall | None, str |
     cannot be merged (``why-not`` is None for nodes that are no convolution at all)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        ndim = _CONV_MODULES.get(type(mod))
+        ndim = _CONV_MODULES.get(conv_module_type(mod))
         if ndim is None:
             return None, None
         if mod.padding_mode != "zeros":
@@ -157,6 +318,20 @@ def conv_call(gm: fx.GraphModule, node: fx.Node) -> tuple[ConvCall | None, str |
     geom = ConvGeometry(w.shape[1] * groups, w.shape[0], kernel, _tuple(stride, ndim),
                         _conv_padding(padding, kernel, dil), dil, int(groups))
     return ConvCall(geom, weight.target, bias.target if bias is not None else None, None), None
+
+
+def conv_module_type(mod: nn.Module) -> type:
+    """The conv class ``mod`` computes as: its exact type, or the conv class a parametrization
+    (``torch.nn.utils.parametrizations.weight_norm`` ...) wraps — ``mod.weight`` is then the
+    computed weight, which is what merging needs."""
+    if parametrize.is_parametrized(mod) and type(mod).__bases__[0] in _CONV_MODULES:
+        return type(mod).__bases__[0]
+    return type(mod)
+
+
+def is_conv_like(mod: nn.Module) -> bool:
+    """A conv module of any kind, or a module holding one (an opaque leaf hides convs)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules())
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -191,11 +366,12 @@ def batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     on parameters with ``training=False``)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if type(mod) not in _BN_MODULES or mod.running_mean is None:
+        if type(mod) not in _BN_MODULES or getattr(mod, "running_mean", None) is None:
             return None
         t = node.target
-        return BatchNormCall(f"{t}.running_mean", f"{t}.running_var", f"{t}.weight" if mod.affine else None,
-                             f"{t}.bias" if mod.affine else None, float(mod.eps), mod.num_features)
+        affine = getattr(mod, "weight", None) is not None
+        return BatchNormCall(f"{t}.running_mean", f"{t}.running_var", f"{t}.weight" if affine else None,
+                             f"{t}.bias" if affine else None, float(mod.eps), mod.running_mean.numel())
     if node.op != "call_function" or node.target is not F.batch_norm:
         return None
     names = ["running_mean", "running_var", "weight", "bias"]
@@ -274,6 +450,8 @@ def describe_consumer(gm: fx.GraphModule, node: fx.Node) -> str:
         return "model output"
     if conv_call(gm, node)[0] is not None:
         return f"conv '{node.name}'"
+    if is_value_free(node):
+        return f"a read of its shape or metadata ('{node.name}', used to compute something)"
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         name = type(mod).__name__

@@ -1,24 +1,53 @@
-"""Turning a user's model into a private, shape-annotated GraphModule.
+"""Turning a user's model into a private, canonical, shape-annotated GraphModule.
 
-The user's model is never touched: the traced GraphModule is deep-copied before anything writes
-to it, so its submodules are ours to modify.
+>>> import torch, torchvision
+>>> gm = prepare(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),))
+>>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["tensor_meta"].shape
+torch.Size([1, 64, 16, 16])
+
+The user's model is never touched: it is deep-copied (in eval mode) before tracing, so the
+GraphModule's submodules are ours to modify. :func:`prepare` then
+
+* keeps whole (fx leaves) what cannot be traced, narrowing down to the innermost failing
+  submodule, and registered activation and BatchNorm modules;
+* erases asserts and the value-free nodes that only fed them (timm's ``x.ndim == 4`` checks);
+* makes input-size-dependent padding concrete for the example inputs: ``F.pad`` amounts
+  computed from shapes, and conv subclasses that pad dynamically ("same" padding, timm's
+  ``Conv2dSame``), recognised by what they compute on the example inputs;
+* records every node's output shape (``node.meta['tensor_meta']``).
 """
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxmerge.errors import FxMergeError, TraceFailedError
+from fxmerge.errors import FxMergeError, InvalidArgumentError, TraceFailedError, UnsupportedModelError
+
+from . import patterns
+
+TRACE_RECORD = "fxmerge_trace"  # GraphModule.meta key: what prepare kept whole or made concrete
+_MAX_RETRIES = 64
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     """Example inputs as a tuple (a single tensor is accepted too, as a convenience)."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def check_inputs(example_inputs: Any, name: str = "example_inputs") -> tuple[torch.Tensor, ...]:
+    inputs = as_inputs(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        kinds = [type(x).__name__ for x in inputs]
+        raise InvalidArgumentError(f"{name} must be a tensor or a tuple of tensors, like torch.export's args; got {kinds}")
+    return inputs
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -28,17 +57,90 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _tracer_with_context(tracer: fx.Tracer | None, leaf_modules: Sequence[type]) -> fx.Tracer:
-    """A tracer that remembers which submodule it was inside when tracing failed."""
+def is_fxmerge_output(model: nn.Module) -> bool:
+    return isinstance(model, fx.GraphModule) and "fxmerge" in getattr(model, "meta", {})
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_model(model: Any) -> nn.Module:
+    """The model to trace, or a clear error for what fxmerge cannot handle faithfully."""
+    if isinstance(model, torch.export.ExportedProgram):
+        raise UnsupportedModelError(
+            "got a torch.export ExportedProgram: fxmerge rewrites the eager nn.Module. Pass the module you "
+            "exported, then export the compressed one (fxmerge's outputs export like any module).")
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    model = unwrap(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.modules.conv._ConvNd,) + patterns._BN_MODULES):
+            continue
+        for hook in module._forward_pre_hooks.values():
+            kind = type(hook).__name__
+            modern = {"WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
+                      "SpectralNorm": "torch.nn.utils.parametrizations.spectral_norm"}.get(kind)
+            advice = (f"it is the old-style {kind}: use {modern} instead (fxmerge merges parametrized convs), "
+                      f"or remove it (torch.nn.utils.remove_{'weight' if kind == 'WeightNorm' else 'spectral'}_norm)"
+                      if modern else "remove the hook, or fold what it does into the weights first")
+            raise UnsupportedModelError(
+                f"'{name}' ({type(module).__name__}) has a forward pre-hook that may rewrite its weights or input, "
+                f"which fxmerge would not see: {advice}.")
+        if module._forward_hooks:
+            raise UnsupportedModelError(
+                f"'{name}' ({type(module).__name__}) has a forward hook; merging replaces the module, so the hook "
+                "would silently stop running. Remove it before fxmerge and re-register it on the result.")
+    return model
+
+
+def _check_not_aten(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
+                and "conv" in str(node.target):
+            raise UnsupportedModelError(
+                f"this graph calls ATen operators ('{node.name}': {node.target}), as the module of a torch.export'ed "
+                "program does: fxmerge works on the eager model. Pass the module before torch.export, then export "
+                "the compressed result.")
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _Leaves:
+    """What the tracer keeps whole, beyond fx's own leaves (torch.nn modules)."""
+
+    def __init__(self, user_types: Sequence[type]):
+        self.types = tuple(user_types)
+        self.auto_types: set[type] = set()
+        self.auto_names: set[str] = set()
+        self.reasons: dict[str, str] = {}
+
+    def is_leaf(self, module: nn.Module, qualname: str) -> bool:
+        return (isinstance(module, self.types) or type(module) in self.auto_types or qualname in self.auto_names
+                or type(module) in patterns._BN_MODULES or patterns.is_activation_module(module))
+
+    def add(self, module: nn.Module, qualname: str, error: Exception) -> None:
+        """Keep the failing submodule whole: every instance of a conv subclass (they are
+        recognised by what they compute later), else just this instance."""
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if isinstance(module, nn.modules.conv._ConvNd):
+            self.auto_types.add(type(module))
+        else:
+            self.auto_names.add(qualname)
+        self.reasons[qualname] = f"could not be traced ({why}); kept whole"
+
+
+def _tracer_with_context(tracer: fx.Tracer | None, leaves: _Leaves) -> fx.Tracer:
+    """A tracer that honours ``leaves`` and remembers which submodule it was inside when
+    tracing failed."""
     base = type(tracer) if tracer is not None else fx.Tracer
-    leaves = tuple(leaf_modules)
 
     class _ContextTracer(base):  # type: ignore[misc, valid-type]
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+        def is_leaf_module(self, m, qualname):
+            return leaves.is_leaf(m, qualname) or super().is_leaf_module(m, qualname)
 
         def call_module(self, m, forward, args, kwargs):
-            self._fxmerge_stack.append(self.path_of_module(m) or type(m).__name__)
+            self._fxmerge_stack.append(self.path_of_module(m) or "")
             try:
                 return super().call_module(m, forward, args, kwargs)
             except Exception:
@@ -59,37 +161,210 @@ def _tracer_with_context(tracer: fx.Tracer | None, leaf_modules: Sequence[type])
 
 def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Sequence[type] = (),
           concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """A private GraphModule of ``model`` (a deep copy when ``model`` already is one).
+    """A private GraphModule of ``model`` in eval mode (a deep copy when it already is one).
 
-    Raises :class:`~fxmerge.TraceFailedError` naming the submodule where tracing failed and
+    A submodule fx cannot trace is kept whole, innermost first; if the model's own
+    ``forward`` cannot be traced, raises :class:`~fxmerge.TraceFailedError` naming where and
     what to try (leaf modules, ``concrete_args``, a custom tracer).
     """
-    model = unwrap(model)
+    model = check_model(model)
     if isinstance(model, fx.GraphModule) and tracer is None and not leaf_modules and not concrete_args:
-        return copy.deepcopy(model)
-    t = _tracer_with_context(tracer, leaf_modules)
-    try:
-        graph = t.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        where = " > ".join(t._fxmerge_failed_at or []) or type(model).__name__
-        raise TraceFailedError(
-            f"torch.fx could not trace {type(model).__name__}: the failure happened inside "
-            f"'{where}': {type(exc).__name__}: {exc}. Make that submodule a leaf "
-            f"(leaf_modules=[{type(_submodule(model, t._fxmerge_failed_at)).__name__}]), fix "
-            f"data-dependent arguments with concrete_args={{...}}, or pass a custom tracer."
-        ) from exc
-    name = model.__class__.__name__
-    gm = fx.GraphModule(model, graph, name)
-    return copy.deepcopy(gm)
+        gm = copy.deepcopy(model).eval()
+        _check_not_aten(gm)
+        return gm
+    if model.training and not is_fxmerge_output(model):
+        warnings.warn(f"{type(model).__name__} is in train mode: fxmerge analyses and rewrites it in eval mode "
+                      "(BatchNorm folded with its running statistics, dropout off) and returns eval-mode modules; "
+                      "the model you passed is left as it is. Call .eval() first to silence this.",
+                      stacklevel=_caller_stacklevel())
+    private = copy.deepcopy(model).eval()
+    leaves = _Leaves(leaf_modules)
+    for _ in range(_MAX_RETRIES):
+        t = _tracer_with_context(tracer, leaves)
+        try:
+            graph = t.trace(private, concrete_args=concrete_args)
+            break
+        except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError, ...
+            path = [p for p in (t._fxmerge_failed_at or []) if p]
+            if not path or path[-1] in leaves.reasons:
+                raise _trace_failed(model, path, exc) from exc
+            leaves.add(private.get_submodule(path[-1]), path[-1], exc)
+    else:
+        raise TraceFailedError(f"torch.fx could not trace {type(model).__name__}: gave up after {_MAX_RETRIES} "
+                               "submodules failed. Pass a custom tracer or leaf_modules=[...].")
+    gm = fx.GraphModule(private, graph, type(model).__name__)
+    gm.meta[TRACE_RECORD] = {"leaves": dict(leaves.reasons)}
+    _check_not_aten(gm)
+    return gm
 
 
-def _submodule(model: nn.Module, path: list[str] | None) -> nn.Module:
-    if not path:
-        return model
-    try:
-        return model.get_submodule(path[-1])
-    except AttributeError:
-        return model
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside fxmerge."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep) \
+            and "/tests/" not in frame.f_code.co_filename:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _trace_failed(model: nn.Module, path: list[str], exc: Exception) -> TraceFailedError:
+    where = " > ".join(path) or f"{type(model).__name__}.forward"
+    return TraceFailedError(
+        f"torch.fx could not trace {type(model).__name__}: the failure happened in '{where}': "
+        f"{type(exc).__name__}: {exc}. Fix data-dependent arguments with concrete_args={{...}}, make the failing "
+        f"submodule a leaf (leaf_modules=[...]), or pass a custom tracer.")
+
+
+# --------------------------------------------------------------------------- canonical form
+
+
+def remove_value_free(gm: fx.GraphModule) -> None:
+    """Erase asserts, then every dead node that only read metadata (shapes, ndim, ...): on the
+    private copy they would pin tensors that merging removes."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if patterns.is_assert(node):
+            graph.erase_node(node)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if not node.users and node.op in ("call_function", "call_method") and patterns.is_value_free(node):
+                graph.erase_node(node)
+                changed = True
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps the values of the nodes asked for."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = out
+        return out
+
+
+def _pad_amount_nodes(node: fx.Node) -> list[fx.Node]:
+    """The graph nodes among an ``F.pad`` node's amounts (computed padding)."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if isinstance(pad, fx.Node):
+        return [pad]
+    return [p for p in pad if isinstance(p, fx.Node)] if isinstance(pad, (tuple, list)) else []
+
+
+def _computed_pads(gm: fx.GraphModule) -> list[fx.Node]:
+    """``F.pad`` nodes whose amounts are computed in the graph from the inputs' shapes."""
+    out = []
+    for node in gm.graph.find_nodes(op="call_function", target=F.pad):
+        amounts = _pad_amount_nodes(node)
+        if amounts and all(_shape_only(a) for a in amounts) and len(node.args) > 1:
+            out.append(node)
+    return out
+
+
+def _shape_only(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on the inputs' shapes only (never on tensor values)."""
+    if not patterns.is_value_free(node):
+        return False
+    if (node.op == "call_function" and node.target is getattr) or node.op == "call_method":
+        return True  # a metadata read: its tensor argument's values do not matter
+    return all(_shape_only(a) for a in node.all_input_nodes)
+
+
+def _leaf_convs(gm: fx.GraphModule) -> list[fx.Node]:
+    """Call_module nodes of conv subclasses fx kept whole (they did not trace)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.conv._ConvNd) and patterns.conv_module_type(mod) not in patterns._CONV_MODULES \
+                    and len(node.args) == 1 and not node.kwargs:
+                out.append(node)
+    return out
+
+
+def _same_pads(x: torch.Tensor, conv: nn.Module) -> tuple[int, ...]:
+    """TensorFlow's "SAME" padding of ``conv`` for ``x`` (extra pixel after), as F.pad wants it."""
+    pads: list[int] = []
+    for size, k, s, d in reversed(list(zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation))):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def _base_conv(mod: nn.Module) -> type | None:
+    return next((c for c in type(mod).__mro__ if c in patterns._CONV_MODULES), None)
+
+
+@torch.no_grad()
+def _resolve_leaf_conv(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, record: dict) -> None:
+    """Replace a kept-whole conv subclass by what it computes on the example inputs, if that is
+    a plain conv (possibly after a "same" pad fixed for this input size); else leave it."""
+    mod, base = gm.get_submodule(node.target), _base_conv(gm.get_submodule(node.target))
+    if base is None or getattr(mod, "padding_mode", "zeros") != "zeros":
+        return
+    y = mod(x)
+    pads = _same_pads(x, mod)
+
+    def candidate(inp):
+        try:
+            return base._conv_forward(mod, inp, mod.weight, mod.bias)
+        except RuntimeError:  # e.g. the kernel does not fit the unpadded input
+            return None
+
+    plain = candidate(x)
+    same = candidate(F.pad(x, pads)) if any(pads) else None
+    tol = 1e-4 * max(float(y.abs().max()), 1e-12)
+
+    def matches(z):
+        return z is not None and z.shape == y.shape and float((z - y).abs().max()) <= tol
+
+    if matches(plain):
+        mod.__class__ = base
+        record[node.target] = f"{type(mod).__name__} subclass: computes a plain {base.__name__}"
+    elif matches(same):
+        with gm.graph.inserting_before(node):
+            pad = gm.graph.create_node("call_function", F.pad, (node.args[0], pads), name=f"fxmerge_same_pad_{node.name}")
+        node.replace_input_with(node.args[0], pad)
+        mod.__class__ = base
+        size = "x".join(map(str, x.shape[2:]))
+        record[node.target] = f"pads dynamically ('same'): padding {pads} fixed for {size} inputs"
+
+
+def canonicalize(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Value-free nodes out; computed padding and dynamically padding conv leaves made concrete
+    for ``example_inputs``. Changes ``gm`` (a private copy) in place."""
+    remove_value_free(gm)
+    pads, leaf_convs = _computed_pads(gm), _leaf_convs(gm)
+    if pads or leaf_convs:
+        wanted = {a for p in pads for a in _pad_amount_nodes(p)} | {n.args[0] for n in leaf_convs}
+        recorder = _Recorder(gm, wanted)
+        with torch.no_grad():
+            recorder.run(*example_inputs)
+        for node in pads:
+            node.args = (node.args[0], _concrete(recorder.values, node.args[1]), *node.args[2:])
+        record = gm.meta.setdefault(TRACE_RECORD, {"leaves": {}}).setdefault("resolved", {})
+        for node in leaf_convs:
+            _resolve_leaf_conv(gm, node, recorder.values[node.args[0]], record)
+        remove_value_free(gm)
+    gm.recompile()
+
+
+def _concrete(values: dict, arg: Any) -> Any:
+    if isinstance(arg, fx.Node):
+        value = values[arg]
+        return tuple(int(v) for v in value) if isinstance(value, (tuple, list, torch.Size)) else int(value)
+    if isinstance(arg, (tuple, list)):
+        return tuple(_concrete(values, a) for a in arg)
+    return arg
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -105,6 +380,36 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
                            "Pass inputs the model accepts, as a tuple (like torch.export).") from exc
     finally:
         gm.train(was_training)
+
+
+def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,
+            leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """The private, canonical, shape-annotated GraphModule every pass works on."""
+    example_inputs = check_inputs(example_inputs)
+    gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    canonicalize(gm, example_inputs)
+    propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def input_specs(example_inputs: Sequence[torch.Tensor]) -> list[dict]:
+    """Shapes and dtypes of example inputs, as plans record them."""
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")} for x in example_inputs]
+
+
+def inputs_from_specs(specs: Sequence[dict], model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the recorded shapes, in the model's float dtype and on its device."""
+    param = next(iter(model.parameters()), None)
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, spec["dtype"])
+        if dtype.is_floating_point and param is not None and param.dtype.is_floating_point:
+            dtype = param.dtype
+        device = param.device if param is not None else "cpu"
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(spec["shape"], generator=g) if dtype.is_floating_point else torch.zeros(spec["shape"])
+        out.append(x.to(dtype=dtype, device=device))
+    return tuple(out)
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

@@ -38,7 +38,7 @@ def test_candidate_pairs_are_the_valid_blocks_and_extend_to_every_kept_pair():
     assert candidate_pairs(analysis) == [(0, i, j) for i, j in chain.valid_blocks]
     table = ImportanceTable({p: -float(p[2] - p[1]) for p in candidate_pairs(analysis)})
     ext = table.extend(analysis)
-    points = [0] + chain.droppable + [chain.length]
+    points = chain.kept_candidates  # activations and border positions: both can be kept
     assert {(0, a, b) for a, b in zip(points[:-1], points[1:])} <= set(ext)  # keeping everything stays possible
     # dropping the activation at a residual's source needs a segment holding the whole residual
     assert (0, 0, 2) not in ext and (0, 0, 5) in ext
@@ -47,18 +47,25 @@ def test_candidate_pairs_are_the_valid_blocks_and_extend_to_every_kept_pair():
             assert v == table[(c, i, j)]  # measured entries are used as they are
 
 
-def test_extension_splits_only_where_there_is_no_activation():
-    model, batches = small_net(), data()
-    analysis = fxmerge.analyze(model, (batches[0][0],))
+def test_extension_splits_only_where_nothing_can_be_kept():
+    import torch.nn as nn
+    from importance_models import Residual, block
+
+    x = data()[0][0]
+    # after the residual: a 1x1 conv (its position is free: no activation, no padding to move)
+    # and a padded 3x3 (its position is a border: a choice of its own, never split over)
+    model = nn.Sequential(block(1, 6), Residual(6), block(6, 6, 1, act=False), block(6, 8, 3)).eval()
+    analysis = fxmerge.analyze(model, (x,))
     chain = analysis.chains[0]
-    free = [p for p in range(1, chain.length) if p not in chain.activations]
-    assert free  # the residual's ends carry no activation
+    free = [p for p in range(1, chain.length) if p not in chain.activations and p not in chain.borders]
+    assert free == [4] and chain.borders == [5]
     scores = {p: 0.0 for p in candidate_pairs(analysis)}
-    i, j = 0, chain.length
-    if (i, j) in chain.valid_blocks:
-        scores[(0, i, j)] = -5.0
+    scores[(0, 1, 5)] = -5.0
+    scores[(0, 3, 6)] = scores[(0, 4, 6)] = -5.0
     ext = ImportanceTable(scores).extend(analysis)
-    assert ext[(0, i, j)] == 0.0  # a split at an activation-free position beats the merged entry
+    assert ext[(0, 1, 5)] == 0.0  # (1, 4] + (4, 5]: a split at the free position beats the merged entry
+    assert ext[(0, 3, 6)] == -5.0  # (3, 5] + (5, 6] would give 0: no split at the border position 5,
+    assert ext[(0, 3, 5)] + ext[(0, 5, 6)] == 0.0  # keeping it is a choice of its own (two pairs)
 
 
 def test_mobilenet_v2_default_pair_count_is_practical():
@@ -103,7 +110,7 @@ def test_importance_drives_the_plan():
     analysis = fxmerge.analyze(model, (x,))
     ext = imp.extend(analysis)
     # an importance that forbids dropping anything: only neighbour pairs are offered
-    points = [0] + analysis.chains[0].droppable + [analysis.chains[0].length]
+    points = analysis.chains[0].kept_candidates
     neighbours = {(0, a, b): ext[(0, a, b)] for a, b in zip(points[:-1], points[1:])}
     keep_all = fxmerge.plan(model, table, budget=10.0, importance=neighbours)
     assert keep_all.chains[0].keep == tuple(analysis.chains[0].droppable)

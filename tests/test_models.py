@@ -34,8 +34,8 @@ def _mergeable(analysis: fxmerge.Analysis) -> bool:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_torchvision_model(name):
     kwargs, size = MODELS[name]
-    model = randomize(getattr(torchvision.models, name)(weights=None, **kwargs)).eval()
     x = torch.randn(2, 3, size, size)
+    model = randomize(getattr(torchvision.models, name)(weights=None, **kwargs), calibrate_on=x).eval()
     res = check_exact(model, (x,))
     if name in NOTHING_TO_MERGE:
         assert not _mergeable(res.analysis)
@@ -84,13 +84,15 @@ def test_mobilenet_v2_candidates_include_the_papers_valid_blocks():
 
 
 def test_mobilenet_v2_float64_exact():
-    model = randomize(torchvision.models.mobilenet_v2()).eval()
-    check_exact(model, (torch.randn(1, 3, 32, 32),), dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32)
+    model = randomize(torchvision.models.mobilenet_v2(), calibrate_on=x).eval()
+    check_exact(model, (x[:1],), dtype=torch.float64)
 
 
 def test_resnet18_float64_exact():
-    model = randomize(torchvision.models.resnet18()).eval()
-    check_exact(model, (torch.randn(1, 3, 48, 48),), dtype=torch.float64)
+    x = torch.randn(2, 3, 48, 48)
+    model = randomize(torchvision.models.resnet18(), calibrate_on=x).eval()
+    check_exact(model, (x[:1],), dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")

@@ -102,15 +102,32 @@ class Branchy(nn.Module):
         return x
 
 
-def test_untraceable_model_error_names_the_submodule():
+def test_untraceable_submodule_is_kept_whole_and_its_convs_are_listed():
+    model = Untraceable().eval()
+    analysis = fxmerge.analyze(model, (torch.randn(1, 3, 8, 8),))
+    assert analysis.chains == []  # the conv hides in a kept-whole submodule ...
+    why = analysis.unmergeable["inner"]  # ... and is said to be left alone, with the reason
+    assert "Branchy" in why and "control flow" in why
+    assert "inner" in str(analysis)
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow in the model's own forward
+            return self.conv(x)
+        return x
+
+
+def test_untraceable_model_error_names_where_and_what_to_try():
     with pytest.raises(fxmerge.TraceFailedError) as info:
-        fxmerge.analyze(Untraceable(), (torch.randn(1, 3, 8, 8),))
+        fxmerge.analyze(UntraceableRoot().eval(), (torch.randn(1, 3, 8, 8),))
     msg = str(info.value)
-    assert "'inner'" in msg and "leaf_modules=[Branchy]" in msg and "concrete_args" in msg
+    assert "UntraceableRoot.forward" in msg and "concrete_args" in msg and "leaf_modules" in msg
     assert isinstance(info.value, fxmerge.FxMergeError)
-    # the suggested remedy works
-    analysis = fxmerge.analyze(Untraceable(), (torch.randn(1, 3, 8, 8),), leaf_modules=[Branchy])
-    assert analysis.chains == []
 
 
 def test_user_model_is_never_mutated(mbv2):
@@ -174,7 +191,7 @@ def test_custom_tracer_is_used():
         def is_leaf_module(self, m, qualname):
             return isinstance(m, Branchy) or super().is_leaf_module(m, qualname)
 
-    analysis = fxmerge.analyze(Untraceable(), (torch.randn(1, 3, 8, 8),), tracer=LeafBranchy())
+    analysis = fxmerge.analyze(Untraceable().eval(), (torch.randn(1, 3, 8, 8),), tracer=LeafBranchy())
     assert analysis.chains == []
     node_ops = {n.op for n in analysis.graph_module.graph.nodes}
     assert "call_module" in node_ops  # Branchy stayed a leaf: traced by the user's tracer

@@ -20,7 +20,7 @@ class RandomRun(nn.Module):
         for k, s, d, g, p, bn, bias in specs:
             self.convs.append(nn.Conv2d(CHANNELS, CHANNELS, k, s, p, dilation=d, groups=g, bias=bias))
             self.bns.append(nn.BatchNorm2d(CHANNELS) if bn else nn.Identity())
-        self.act = nn.ReLU()
+        self.act = nn.LeakyReLU(0.1)  # never a dead map: the output always depends on the input
 
     def forward(self, x):
         saved = {}
@@ -29,7 +29,9 @@ class RandomRun(nn.Module):
             y = conv(x)
             y = bn(y) if not isinstance(bn, nn.Identity) else y
             src = self.residuals.get(i)
-            x = self.act(y + saved[src] if src is not None else y)
+            x = y + saved[src] if src is not None else y
+            if i < len(self.convs) - 1:  # a linear output: never a dead ReLU map, so it depends on the input
+                x = self.act(x)
         return x
 
 
