@@ -84,6 +84,26 @@ def _neighbour_scores(analysis) -> dict:
     return {(c.index, a, b): 1.0 for c in analysis.chains for a, b in zip(c.kept_candidates, c.kept_candidates[1:])}
 
 
+def test_importance_estimators_check_their_settings():
+    model, batches = small_net(), data()
+    x = batches[0][0]
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^steps must be an integer >= 1"):
+        ImportanceTable.estimate(model, (x,), eval_fn=neg_loss(batches), data=batches, steps=0)
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^lr must be a finite number > 0"):
+        ImportanceTable.estimate(model, (x,), eval_fn=neg_loss(batches), data=batches, lr=float("nan"))
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^eval_fn must be a function"):
+        ImportanceTable.estimate(model, (x,), eval_fn=None, data=batches)
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"^pairs\[0\] = \(0, 0, 99\) is not a candidate block"):
+        ImportanceTable.calibrate(model, [x], pairs=[(0, 0, 99)])
+    with ends_within(60):  # the code before the fix looped forever over empty data
+        with pytest.raises(fxmerge.InvalidArgumentError, match="^data is empty"):
+            ImportanceTable.estimate(model, (x,), eval_fn=neg_loss(batches), data=[], steps=2)
+        with pytest.raises(fxmerge.InvalidArgumentError, match="^batches is empty: give at least one batch"):
+            ImportanceTable.calibrate(model, [])
+        with pytest.raises(fxmerge.InvalidArgumentError, match=r"data yielded no .*\(a generator is used up"):
+            sgd_finetune((b for b in batches[:1]), steps=3)(small_net())
+
+
 # =========================================================================== 2. files
 
 def _latency_file(tmp_path, tiny, change) -> Path:
@@ -121,6 +141,20 @@ LATENCY_FILE_CASES = {
 }
 
 
+@pytest.mark.parametrize("row, message", [
+    ([0, 0, 1, float("nan")], r"scores\[0\] \(pair \(0, 0, 1\)\) has score nan"),
+    ([0, 0, 1, "high"], r"scores\[0\] \(pair \(0, 0, 1\)\) has score 'high'"),
+    ([0, 1], r"scores\[0\] must be a row \[chain, i, j, score\]"),
+    ([0, 3, 1, 0.5], r"scores\[0\] must be a row .* 0 <= i < j"),
+])
+def test_importance_files_with_bad_entries_name_the_file_and_the_entry(tmp_path, row, message):
+    path = tmp_path / "imp.json"
+    path.write_text(json.dumps({"format": "fxmerge.importance", "version": 2, "meta": {}, "scores": [row]}))
+    with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
+        ImportanceTable.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
 # =========================================================================== 3. importance identity
 
 def _calibrate(model, path):
@@ -131,6 +165,54 @@ def _estimate(model, path, steps=2):
     batches = data()
     return ImportanceTable.estimate(model, (batches[0][0],), eval_fn=neg_loss(batches), data=batches, steps=steps,
                                     path=path)
+
+
+def test_estimate_never_resumes_another_models_calibration_file(tmp_path):
+    path = tmp_path / "imp.json"
+    _calibrate(small_net(seed=0), path)
+    with pytest.raises(fxmerge.EnvironmentMismatchError) as info:
+        _estimate(small_net(seed=1), path)
+    message = str(info.value)
+    assert str(path) in message and "estimator 'calibration', not 'fine-tune'" in message
+    assert "another model (parameters digest" in message and "delete the file or choose another path" in message
+
+
+def test_resume_refuses_a_file_made_with_other_settings_or_weights(tmp_path):
+    path = tmp_path / "imp.json"
+    _estimate(small_net(), path, steps=2)
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match="steps=2, not 3"):
+        _estimate(small_net(), path, steps=3)
+    calibrated = tmp_path / "cal.json"
+    _calibrate(small_net(seed=0), calibrated)
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match=r"another model \(parameters digest [0-9a-f]+ vs"):
+        _calibrate(small_net(seed=1), calibrated)
+    assert _calibrate(small_net(seed=0), calibrated).scores  # the same model and settings resume
+
+
+def test_importance_files_record_the_model_estimator_and_settings(tmp_path):
+    path = tmp_path / "imp.json"
+    model = small_net()
+    table = _estimate(model, path)
+    saved = json.loads(path.read_text())
+    assert saved["version"] == 2
+    meta = saved["meta"]
+    analysis = fxmerge.analyze(model, (data()[0][0],))
+    assert meta["model"]["structure"] == fxmerge.Plan.fold_only(analysis).fingerprint()
+    assert meta["model"]["parameters"] == fxmerge.importance.parameter_digest(model)
+    assert meta["estimator"] == "fine-tune" and meta["base_score"] == table.meta["base_score"]
+    settings = meta["settings"]
+    assert settings["steps"] == 2 and settings["lr"] == 0.01 and settings["seed"] == 0
+    assert settings["data"] == {"count": 3, "shapes": [[[8, 1, 8, 8], [8]]] * 3}
+    assert settings["eval_fn"].endswith("neg_loss.<locals>.evaluate")
+
+
+def test_version_1_importance_files_load_but_never_resume(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"format": "fxmerge.importance", "version": 1, "meta": {"estimator": "calibration"},
+                                "scores": [[0, 0, 1, -0.0], [0, 1, 2, -0.25]]}))
+    assert ImportanceTable.load(path).scores == {(0, 0, 1): 0.0, (0, 1, 2): -0.25}
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match="does not record the model and settings"):
+        _calibrate(small_net(), path)
 
 
 # =========================================================================== 4. environment
