@@ -80,8 +80,116 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 BAD_BUDGETS = [float("nan"), float("inf"), -1.0, 0, "0.6", [0.6], torch.tensor(0.6)]
 
 
+@pytest.mark.parametrize("name, unit", [("budget", "a fraction of the original's latency"),
+                                        ("budget_ms", "the end-to-end latency in milliseconds")])
+@pytest.mark.parametrize("value", BAD_BUDGETS, ids=repr)
+def test_bad_budgets_are_refused_naming_the_argument_before_any_work(table, name, unit, value):
+    # model=None: any tracing before the check would fail differently
+    with pytest.raises(fxmerge.InvalidArgumentError, match=rf"^{name} must be a finite number > 0 \({unit}, e.g. "):
+        fxmerge.plan(None, table, **{name: value}, example_inputs=(X,))
+
+
+def test_budget_true_is_refused(tiny):
+    model, _, table = tiny
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"^budget must be a finite number > 0 .*; got True \(bool\)"):
+        fxmerge.plan(model, table, budget=True)
+
+
+def test_budget_and_budget_ms_together_are_refused(tiny):
+    model, _, table = tiny
+    with pytest.raises(fxmerge.InvalidArgumentError, match="give budget .* or budget_ms .*, not both"):
+        fxmerge.plan(model, table, budget=0.5, budget_ms=3.0)
+
+
+def test_too_fine_resolution_is_refused_naming_one_that_works(tiny):
+    model, _, table = tiny
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"resolution=1e-09 ms .* grid cells, more than the DP's "
+                                                           r"limit of 2,000,000 .*use resolution >= [0-9.e-]+ ms") as info:
+        fxmerge.plan(model, table, budget=0.6, resolution=1e-9)
+    suggested = float(str(info.value).split("use resolution >= ")[1].split(" ms")[0])
+    assert fxmerge.plan(model, table, budget=0.6, resolution=suggested).num_convs >= 1  # the suggestion works
+    for bad in (float("nan"), -0.1, "0.1"):
+        with pytest.raises(fxmerge.InvalidArgumentError, match="^resolution must be a finite number > 0"):
+            fxmerge.plan(model, table, budget=0.6, resolution=bad)
+
+
+def test_huge_budget_needs_no_huge_grid(tiny):
+    model, _, table = tiny
+    chosen = fxmerge.plan(model, table, budget_ms=1e12, resolution=0.25)  # 4e12 cells, were the grid not capped
+    assert chosen.info["predicted_ms"]["planned"] <= chosen.info["predicted_ms"]["original"]
+
+
 def _neighbour_scores(analysis) -> dict:
     return {(c.index, a, b): 1.0 for c in analysis.chains for a, b in zip(c.kept_candidates, c.kept_candidates[1:])}
+
+
+def test_nan_importance_is_refused_naming_the_pair(tiny):
+    model, analysis, table = tiny
+    scores = _neighbour_scores(analysis)
+    scores[(0, 0, 1)] = float("nan")
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"importance\[\(0, 0, 1\)\] is nan; every score must be a "
+                                                           r"finite number"):
+        fxmerge.plan(model, table, budget=0.8, importance=scores)
+
+
+def test_importance_given_as_a_list_is_refused(tiny):
+    model, _, table = tiny
+    with pytest.raises(fxmerge.InvalidArgumentError, match="importance must be an ImportanceTable or a mapping "
+                                                           r"\(chain, i, j\) -> score; got \[1.0, 2.0\] \(list\)"):
+        fxmerge.plan(model, table, budget=0.8, importance=[1.0, 2.0])
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"importance key \(0, 1\) is not a pair \(chain, i, j\)"):
+        fxmerge.plan(model, table, budget=0.8, importance={(0, 1): 1.0})
+
+
+def test_missing_importance_entries_name_the_chain_and_the_missing_pairs(tiny):
+    model, analysis, table = tiny
+    scores = _neighbour_scores(analysis)
+    chain = analysis.chains[0]
+    first, second = chain.kept_candidates[1], chain.kept_candidates[2]
+    del scores[(0, first, second)]
+    with pytest.raises(fxmerge.InvalidArgumentError) as info:
+        fxmerge.plan(model, table, budget=0.8, importance=scores)
+    message = str(info.value)
+    assert f"chain 0 ({chain.name()})" in message and f"(0, {first}, {second})" in message
+    assert "KeyError" not in message and "no chain of allowed pairs" not in message
+    # an ImportanceTable with too few entries: named the same way
+    partial = ImportanceTable({(0, 0, 1): 1.0})
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"importance has no scores that lead through chain 0"):
+        fxmerge.plan(model, table, budget=0.8, importance=partial)
+
+
+def test_example_inputs_must_be_tensors(table):
+    for bad in ([[1.0, 2.0]], "x", ()):
+        with pytest.raises(fxmerge.InvalidArgumentError, match="^example_inputs must be a tensor or a tuple of tensors"):
+            fxmerge.plan(None, table, budget=0.5, example_inputs=bad)
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^latency_table must be a fxmerge.LatencyTable"):
+        fxmerge.plan(None, "table.json", budget=0.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"repeats": 0}, "^repeats must be an integer >= 1"),
+    ({"rounds": -1}, "^rounds must be an integer >= 1"),
+    ({"warmup": 1.5}, "^warmup must be an integer >= 0"),
+    ({"min_repeat_ms": float("nan")}, "^min_repeat_ms must be a finite number >= 0"),
+    ({"backend": "tensorrt"}, "^backend must be one of 'eager', 'inductor', 'onnxruntime'; got 'tensorrt'"),
+])
+def test_latency_table_measure_checks_its_settings_before_any_work(kwargs, message, table):
+    with pytest.raises(fxmerge.InvalidArgumentError, match=message):
+        fxmerge.LatencyTable.measure(None, (X,), **kwargs)
+    if "backend" not in kwargs:
+        with pytest.raises(fxmerge.InvalidArgumentError, match=message):
+            table.measure_missing(None, (X,), **kwargs)
+
+
+def test_measure_latency_and_compare_latency_check_their_settings():
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^rounds must be an integer >= 1"):
+        fxmerge.measure_latency(nn.Identity(), (X,), rounds=0)
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^warmup_ms must be a finite number >= 0"):
+        fxmerge.measure_latency(nn.Identity(), (X,), warmup_ms=-5)
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^modules must be a non-empty mapping"):
+        fxmerge.timing.compare_latency({}, (X,))
+    with pytest.raises(fxmerge.InvalidArgumentError, match="^example_inputs must be a tensor"):
+        fxmerge.measure_latency(nn.Identity(), [3])
 
 
 def test_importance_estimators_check_their_settings():
@@ -141,6 +249,34 @@ LATENCY_FILE_CASES = {
 }
 
 
+@pytest.mark.parametrize("case", LATENCY_FILE_CASES)
+def test_latency_table_files_with_bad_entries_name_the_file_and_the_entry(tmp_path, tiny, case):
+    change, message = LATENCY_FILE_CASES[case]
+    path = _latency_file(tmp_path, tiny, change)
+    with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
+        fxmerge.LatencyTable.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"format": "fxmerge.latency", "version": 1, "entries": {"conv', r"the JSON is malformed \(it is cut off"),
+    ("hello", r"the JSON is malformed \(Expecting value at line 1 column 1\)"),
+    ("", "file is empty"),
+    ("[1, 2]", "it holds a JSON array, not an object"),
+    (b"\xff\xfe\x00garbage", "not a valid latency table file"),
+])
+def test_unreadable_files_name_the_file_and_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
+        fxmerge.LatencyTable.load(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(fxmerge.MalformedFileError, match=str(path)):
+        ImportanceTable.load(path)
+    with pytest.raises(fxmerge.MalformedFileError, match=str(path)):
+        fxmerge.Plan.load(path)
+
+
 @pytest.mark.parametrize("row, message", [
     ([0, 0, 1, float("nan")], r"scores\[0\] \(pair \(0, 0, 1\)\) has score nan"),
     ([0, 0, 1, "high"], r"scores\[0\] \(pair \(0, 0, 1\)\) has score 'high'"),
@@ -153,6 +289,25 @@ def test_importance_files_with_bad_entries_name_the_file_and_the_entry(tmp_path,
     with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
         ImportanceTable.load(path)
     assert str(info.value).startswith(f"{path}: ")
+
+
+def test_negative_latencies_never_yield_plans_with_negative_predicted_latency(tiny, table):
+    model, analysis, _ = tiny
+    ref = table.references[model_key(analysis)]
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['rest_ms'\] must be a finite number >= 0"):
+        fxmerge.LatencyTable(table.entries, table.fingerprint, {model_key(analysis): {**ref, "rest_ms": -50.0}})
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['ms'\] must be a finite number >= 0"):
+        fxmerge.LatencyTable({**table.entries, "conv2d x": {"ms": -1.0}}, table.fingerprint)
+    # changed after construction: refused where it is used
+    ref["rest_ms"] = -50.0
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['rest_ms'\] must be a finite number >= 0"):
+        fxmerge.plan(model, table, budget_ms=1.0)
+    ref["rest_ms"] = 1.0
+    key = _first(table.entries)
+    table.entries[key]["ms"] = -30.0
+    with pytest.raises(fxmerge.InvalidArgumentError, match=re.escape(f"latency table entry '{key}': ms must be a finite "
+                                                                     "number >= 0")):
+        fxmerge.plan(model, table, budget_ms=1.0)
 
 
 # =========================================================================== 3. importance identity
@@ -215,7 +370,40 @@ def test_version_1_importance_files_load_but_never_resume(tmp_path):
         _calibrate(small_net(), path)
 
 
+def test_plan_refuses_importance_estimated_for_another_model(tiny):
+    model, _, table = tiny
+    other = small_net()
+    imp = ImportanceTable.calibrate(other, [data()[0][0]])
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match="importance table was estimated for another model"):
+        fxmerge.plan(model, table, budget=0.8, importance=imp)
+
+
 # =========================================================================== 4. environment
+
+def test_latency_table_for_another_backend_dtype_or_device_is_refused(tiny, table):
+    model = tiny[0]
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match="measured for backend 'eager', not backend 'inductor'"):
+        fxmerge.plan(model, table, budget=0.8, backend="inductor")
+    for key, value in (("dtype", "float64"), ("device", "NVIDIA H200")):
+        other = fxmerge.LatencyTable.from_dict({**table.to_dict(), "fingerprint": {**table.fingerprint, key: value}})
+        with pytest.raises(fxmerge.EnvironmentMismatchError, match=rf"measured for {key} '{value}', not {key} "):
+            fxmerge.plan(model, other, budget=0.8, example_inputs=(X,))
+        with pytest.raises(fxmerge.EnvironmentMismatchError, match="cannot combine"):
+            table | other
+    other = fxmerge.LatencyTable.from_dict({**table.to_dict(), "fingerprint": {**table.fingerprint, "threads": 99}})
+    with pytest.warns(UserWarning, match="measured elsewhere"):  # threads and torch version only warn
+        fxmerge.plan(model, other, budget=0.8)
+
+
+def test_measure_refuses_to_resume_a_file_of_another_backend(tmp_path, tiny):
+    path = tmp_path / "t.json"
+    inductor = fxmerge.LatencyTable.from_dict(tiny[2].to_dict())
+    inductor.fingerprint["backend"] = "inductor"
+    inductor.save(path)
+    with pytest.raises(fxmerge.EnvironmentMismatchError, match=rf"latency table {path} was measured for backend "
+                                                               "'inductor', not backend 'eager'"):
+        fxmerge.LatencyTable.measure(tiny[0], (X,), backend="eager", path=path, **FAST)
+
 
 # =========================================================================== 5. no data loss
 
@@ -251,6 +439,42 @@ def test_concurrent_writers_never_crash_and_readers_never_see_a_partial_file(tmp
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("table.json", "go")] == []  # no temporary left
 
 
+def test_a_complete_table_measures_and_writes_nothing(tmp_path, tiny, table, monkeypatch):
+    path = tmp_path / "t.json"
+    table.save(path)
+    import fxmerge.latency as latency
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("a complete table was written again")
+
+    monkeypatch.setattr(latency, "write_json", no_write)
+    table.measure_missing(tiny[0], (X,), path=path)
+
+
+def test_a_complete_cached_table_works_from_a_read_only_folder(tmp_path, tiny, table, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "t.json"
+    table.save(path)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except PermissionError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("this user can write to read-only folders (root): chmod proves nothing here")
+        table.measure_missing(tiny[0], (X,), path=path)
+        code, out, err = run_cli(capsys, "plan", FACTORY, "--table", str(path), "--input-shape", "1,3,32,32",
+                                 "--budget", "0.9")
+        assert code == 0, err
+        assert "reused" in out
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
 # =========================================================================== 6. the command line
 
 @pytest.fixture
@@ -263,6 +487,19 @@ def no_measuring(monkeypatch):
 
 
 # =========================================================================== 7. timing leaves models alone
+
+def test_measure_latency_does_not_switch_the_callers_model_to_eval():
+    model = tiny_mbv2().train()
+    model[1].eval()  # mixed modes come back exactly
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxmerge.measure_latency(model, (X,), rounds=1, repeats=1, min_repeat_ms=0, warmup_ms=0)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics unmoved
+    fxmerge.timing.compare_latency({"a": model, "b": tiny_mbv2().train()}, (X,), rounds=1, repeats=1, min_repeat_ms=0,
+                                   warmup_ms=0)
+    assert [m.training for m in model.modules()] == modes
+
 
 # =========================================================================== 8. safe artefacts
 
