@@ -516,3 +516,36 @@ def compressed(tiny):
     return fxmerge.compress(model, table, budget=0.7)
 
 
+def test_saved_artifact_loads_with_weights_only_and_rebuilds_the_compressed_model(tmp_path, tiny, compressed, artifacts):
+    path = tmp_path / "m.pt"
+    artifacts.save(compressed, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "fxmerge.artifact" and raw["version"] == 1
+    assert json.loads(raw["plan"]) == compressed.meta["fxmerge"]["plan_json"]
+    loaded = artifacts.load(path, tiny_mbv2())  # the architecture, weights from the file
+    assert fxmerge.plan_of(loaded).chains == fxmerge.plan_of(compressed).chains
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X), compressed.eval()(X), rtol=0, atol=0)
+    # the paper's workflow: fine-tuned linearized net, merged, saved, loaded from the original architecture
+    plan = fxmerge.plan_of(compressed)
+    tuned = fxmerge.linearize(tiny[0], plan)
+    perturb(tuned)
+    deployed = fxmerge.merge(tuned.eval(), plan).eval()
+    artifacts.save(deployed, path)
+    with torch.no_grad():
+        torch.testing.assert_close(artifacts.load(path, tiny_mbv2())(X), deployed(X), rtol=0, atol=0)
+
+
+def test_artifacts_refuse_other_models_and_pickled_code(tmp_path, compressed, artifacts):
+    path = tmp_path / "m.pt"
+    artifacts.save(compressed, path)
+    with pytest.raises(fxmerge.PlanMismatchError):
+        artifacts.load(path, small_net())
+    pickled = tmp_path / "pickled.pt"
+    torch.save(compressed, pickled)
+    with pytest.raises(fxmerge.MalformedFileError, match=rf"{pickled}: not an fxmerge artifact .*never loads pickled"):
+        artifacts.load(pickled, tiny_mbv2())
+    with pytest.raises(fxmerge.InvalidArgumentError, match="save needs a module returned by fxmerge.merge"):
+        artifacts.save(tiny_mbv2(), path)
+
+
