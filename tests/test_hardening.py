@@ -405,6 +405,20 @@ def test_measure_refuses_to_resume_a_file_of_another_backend(tmp_path, tiny):
         fxmerge.LatencyTable.measure(tiny[0], (X,), backend="eager", path=path, **FAST)
 
 
+def test_cli_refuses_a_table_of_another_backend_before_any_work(tmp_path, tiny, capsys, monkeypatch):
+    path = tmp_path / "t.json"
+    tiny[2].save(path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the table was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_work)
+    code, _, err = run_cli(capsys, "plan", FACTORY, "--table", str(path), "--backend", "inductor",
+                           "--input-shape", "1,3,32,32", "--budget", "0.8")
+    assert code == 2 and err.startswith(f"fxmerge: error: the latency table {path} was measured for backend 'eager', "
+                                        "not backend 'inductor'")
+
+
 # =========================================================================== 5. no data loss
 
 WRITER = textwrap.dedent("""
@@ -437,6 +451,28 @@ def test_concurrent_writers_never_crash_and_readers_never_see_a_partial_file(tmp
     assert [w.returncode for w in writers] == [0, 0], errors
     assert reads > 10
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("table.json", "go")] == []  # no temporary left
+
+
+def test_fresh_never_deletes_the_table_before_a_successful_measurement(tmp_path, tiny, capsys, monkeypatch):
+    path = tmp_path / "t.json"
+    tiny[2].save(path)
+    before = path.read_bytes()
+    import fxmerge.latency as latency
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "sample", interrupted)
+    common = ["--table", str(path), "--input-shape", "1,3,32,32", "--quick"]
+    with contextlib.suppress(KeyboardInterrupt):
+        run_cli(capsys, "table", FACTORY, "--fresh", *common)
+    assert path.read_bytes() == before  # the old table is intact
+    monkeypatch.undo()
+    code, out, _ = run_cli(capsys, "table", FACTORY, "--fresh", *common)
+    assert code == 0 and "fxmerge latency table" in out
+    fresh = fxmerge.LatencyTable.load(path)
+    assert fresh.entries != tiny[2].entries and not fresh.pending  # replaced by the new, complete measurement
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
 
 
 def test_a_complete_table_measures_and_writes_nothing(tmp_path, tiny, table, monkeypatch):
@@ -477,6 +513,30 @@ def test_a_complete_cached_table_works_from_a_read_only_folder(tmp_path, tiny, t
 
 # =========================================================================== 6. the command line
 
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz' (MODEL 'no_such_module_xyz:make'): there is "
+                                "no module 'no_such_module_xyz'; check the spelling"),
+    ("cli_models:smal", "'cli_models' has no attribute 'smal' (MODEL 'cli_models:smal'); did you mean small?"),
+    ("cli_models:raises", "calling cli_models:raises() raised RuntimeError: the factory is broken; MODEL must name"),
+    ("cli_models:not_a_module", "cli_models:not_a_module() returned a value of type int, not an nn.Module"),
+    ("cli_models:NUMBER", "MODEL 'cli_models:NUMBER' is of type int, not an nn.Module"),
+    ("timm:resnet1", "unknown timm model 'resnet1' (did you mean resnet18"),
+    ("mobilenet_v9", "unknown model 'mobilenet_v9' (did you mean mobilenet_v2"),
+])
+def test_cli_model_spec_typos_are_clear_errors(capsys, spec, message):
+    code, _, err = run_cli(capsys, "analyze", spec, "--input-shape", "1,3,16,16")
+    assert code == 2 and err.startswith(f"fxmerge: error: {message}"), err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "two"])
+def test_cli_threads_must_be_a_positive_integer(capsys, tmp_path, value):
+    code, _, err = run_cli(capsys, "table", "cli_models:small", "--threads", value, "--input-shape", "1,3,8,8",
+                           "--cache-dir", str(tmp_path), "--quick")
+    assert code == 2 and f"fxmerge: error: argument --threads: must be an integer >= 1 (intra-op threads, e.g. 1 or 4); " \
+                          f"got '{value}'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def no_measuring(monkeypatch):
     def measured(*args, **kwargs):
@@ -484,6 +544,67 @@ def no_measuring(monkeypatch):
 
     monkeypatch.setattr(fxmerge.LatencyTable, "measure", measured)
     monkeypatch.setattr(fxmerge.LatencyTable, "measure_missing", measured)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--budget", "nan", "budget must be a finite number > 0 (a fraction of the original's latency, e.g. 0.6); got nan"),
+    ("--budget", "inf", "budget must be a finite number > 0 (a fraction of the original's latency, e.g. 0.6); got inf"),
+    ("--budget", "-1", "budget must be a finite number > 0 (a fraction of the original's latency, e.g. 0.6); got -1.0"),
+    ("--budget-ms", "nan", "budget_ms must be a finite number > 0 (the end-to-end latency in milliseconds, e.g. 12.5)"),
+    ("--budget", "lots", "expected a number; got 'lots'"),
+])
+def test_cli_bad_budgets_are_refused_before_measuring(capsys, tmp_path, no_measuring, flag, value, message):
+    code, _, err = run_cli(capsys, "plan", "cli_models:small", flag, value, "--input-shape", "1,3,8,8",
+                           "--cache-dir", str(tmp_path))
+    assert code == 2 and f"fxmerge: error: argument {flag}: {message}" in err
+
+
+def test_cli_output_into_a_missing_folder_is_refused_before_measuring(capsys, tmp_path, no_measuring):
+    target = tmp_path / "missing" / "m.pt"
+    code, _, err = run_cli(capsys, "compress", "cli_models:small", "--budget", "0.8", "-o", str(target),
+                           "--input-shape", "1,3,8,8", "--cache-dir", str(tmp_path))
+    assert code == 2 and err == f"fxmerge: error: -o {target}: the folder '{target.parent}' does not exist; " \
+                                "create it first\n"
+
+
+def test_cli_accepts_timm_models_and_checkpoints(capsys, tmp_path):
+    timm = pytest.importorskip("timm")
+    code, out, err = run_cli(capsys, "analyze", "timm:resnet18", "--input-shape", "1,3,32,32")
+    assert code == 0 and "fxmerge analysis" in out, err
+    torch.manual_seed(3)
+    trained = timm.create_model("resnet18", pretrained=False)
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(trained.state_dict(), checkpoint)
+    loaded = cli.load_model("timm:resnet18", checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    torch.save({"state_dict": trained.state_dict()}, checkpoint)  # a common wrapper
+    assert torch.equal(cli.load_model("timm:resnet18", checkpoint).conv1.weight, trained.conv1.weight)
+    import cli_models
+
+    torch.save(cli_models.small().state_dict(), checkpoint)
+    code, _, err = run_cli(capsys, "analyze", "resnet18", "--checkpoint", str(checkpoint), "--input-shape", "1,3,32,32")
+    assert code == 2 and f"fxmerge: error: --checkpoint {checkpoint} does not fit MODEL 'resnet18': " in err
+    torch.save(nn.Linear(2, 2), checkpoint)  # a pickled module: code, which is never loaded
+    code, _, err = run_cli(capsys, "analyze", "timm:resnet18", "--checkpoint", str(checkpoint))
+    assert code == 2 and "cannot be read with torch.load(weights_only=True), which loads tensors only" in err
+
+
+def test_cli_timm_not_installed_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    code, _, err = run_cli(capsys, "analyze", "timm:resnet18")
+    assert code == 2 and err == "fxmerge: error: MODEL 'timm:resnet18' needs timm, which is not installed: " \
+                                "pip install timm\n"
+
+
+def test_cli_user_errors_end_in_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    for argv in (["analyze", "cli_models:raises"], ["plan", "cli_models:small", "--budget", "nan"],
+                 ["plan", "cli_models:small", "--table", str(tmp_path / "missing" / "t.json"), "--quick",
+                  "--input-shape", "1,3,8,8", "-o", str(tmp_path / "nowhere" / "p.json")]):
+        run = subprocess.run([sys.executable, "-m", "fxmerge", *argv], capture_output=True, text=True, env=env,
+                             timeout=300, cwd=tmp_path)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("fxmerge: error: ")
 
 
 # =========================================================================== 7. timing leaves models alone
@@ -549,3 +670,18 @@ def test_artifacts_refuse_other_models_and_pickled_code(tmp_path, compressed, ar
         artifacts.save(tiny_mbv2(), path)
 
 
+def test_cli_compress_writes_a_weights_only_artifact_or_an_exported_program(tmp_path, tiny, capsys, artifacts):
+    table = tmp_path / "t.json"
+    tiny[2].save(table)
+    common = ["--table", str(table), "--input-shape", "1,3,32,32", "--budget", "0.7"]
+    torch.manual_seed(0)  # the factory's random weights: the same model in both runs
+    code, out, err = run_cli(capsys, "compress", FACTORY, "-o", str(tmp_path / "m.pt"), *common)
+    assert code == 0, err
+    assert "fxmerge.artifacts.load(path, model)" in out
+    loaded = artifacts.load(tmp_path / "m.pt", tiny_mbv2())
+    torch.manual_seed(0)
+    code, _, err = run_cli(capsys, "compress", FACTORY, "-o", str(tmp_path / "m.pt2"), *common)
+    assert code == 0, err
+    program = torch.export.load(tmp_path / "m.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(X), loaded(X), rtol=1e-5, atol=1e-6)

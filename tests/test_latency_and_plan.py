@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import fxmerge
+import fxmerge.artifacts
 from conftest import count_convs, randomize
 from fxmerge import timing
 from synthetic import feasible_budget, merging_pays_table
@@ -237,7 +238,7 @@ def test_cli_table_plan_compress(tmp_path, capsys):
     assert "reused" in out and "predicted latency" in out
     assert fxmerge.Plan.load(tmp_path / "p.json").num_convs >= 1
     assert main(["compress", factory, "--budget-ms", "1000", "-o", str(tmp_path / "m.pt"), *common]) == 0
-    model = torch.load(tmp_path / "m.pt", weights_only=False)
+    model = fxmerge.artifacts.load(tmp_path / "m.pt", tiny_mbv2())
     assert count_convs(model) >= 1 and model(X).shape == (1, 10)
     # an infeasible budget, on a table whose numbers are known (a measured one could be anything)
     synthetic = tmp_path / "synthetic.json"
