@@ -283,9 +283,10 @@ def test_unreadable_files_name_the_file_and_what_is_wrong(tmp_path, content, mes
     ([0, 1], r"scores\[0\] must be a row \[chain, i, j, score\]"),
     ([0, 3, 1, 0.5], r"scores\[0\] must be a row .* 0 <= i < j"),
 ])
-def test_importance_files_with_bad_entries_name_the_file_and_the_entry(tmp_path, row, message):
+@pytest.mark.parametrize("version", [1, 2])
+def test_importance_files_with_bad_entries_name_the_file_and_the_entry(tmp_path, row, message, version):
     path = tmp_path / "imp.json"
-    path.write_text(json.dumps({"format": "fxmerge.importance", "version": 2, "meta": {}, "scores": [row]}))
+    path.write_text(json.dumps({"format": "fxmerge.importance", "version": version, "meta": {}, "scores": [row]}))
     with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
         ImportanceTable.load(path)
     assert str(info.value).startswith(f"{path}: ")
