@@ -64,15 +64,22 @@ def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None,
     return rebuilt.eval()
 
 
-def _read(path: str | os.PathLike, map_location: Any) -> dict:
+def load_tensors(path: str | os.PathLike, what: str, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code;
+    :class:`MalformedFileError` naming the file (a ``what``) when it holds anything else."""
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # unpickling errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MalformedFileError(f"{path}: not an fxmerge artifact that torch.load(weights_only=True) can read "
-                                 f"({first}); fxmerge never loads pickled code") from None
+    except Exception as exc:  # torch reports refused pickles and broken files alike, with a page of advice
+        raise MalformedFileError(
+            f"{path}: not a {what} that torch.load(weights_only=True) can read ({type(exc).__name__}): it is not a "
+            "tensor file, or it holds pickled Python objects (such as a whole module saved with torch.save), which "
+            "fxmerge never loads") from None
+
+
+def _read(path: str | os.PathLike, map_location: Any) -> dict:
+    data = load_tensors(path, "fxmerge artifact", map_location)
     check_header(data, FORMAT, VERSION, source=path)
     if not isinstance(data.get("plan"), str) or not isinstance(data.get("state_dict"), dict):
         raise MalformedFileError(f"{path}: an fxmerge artifact holds 'plan' (JSON text) and 'state_dict'; "

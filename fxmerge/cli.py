@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from fxmerge.errors import FxMergeError, InvalidArgumentError
+from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.timing import BACKENDS
 from fxmerge.validation import check_budget
 
@@ -114,14 +114,14 @@ def _factory_model(spec: str) -> nn.Module:
 
 def _load_checkpoint(model: nn.Module, path: str | os.PathLike, spec: str) -> None:
     """Load a state dict saved with ``torch.save`` (only tensors are deserialised)."""
+    from fxmerge.artifacts import load_tensors
+
     if not Path(path).is_file():
         raise InvalidArgumentError(f"--checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types; none may become a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgumentError(f"--checkpoint {path} cannot be read with torch.load(weights_only=True), which "
-                                   f"loads tensors only, never code: {first}") from None
+        state = load_tensors(path, "checkpoint", map_location="cpu")
+    except MalformedFileError as exc:
+        raise InvalidArgumentError(f"--checkpoint {exc}") from None
     for key in ("state_dict", "model_state_dict", "model"):  # common wrappers around a state dict
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -379,19 +379,20 @@ def _check_resumable(saved: dict, meta: dict, path: Path) -> None:
         raise EnvironmentMismatchError(f"{path} does not record the model and settings it was made with (an older "
                                        f"fxmerge, or a table saved by hand), so it cannot be resumed safely; {remedy}")
     differences = []
-    if saved.get("estimator") != meta["estimator"]:
+    if saved.get("estimator") != meta["estimator"]:  # then their settings are not comparable
         differences.append(f"estimator {saved.get('estimator')!r}, not {meta['estimator']!r}")
     for key in ("structure", "parameters"):
         if saved["model"].get(key) != meta["model"][key]:
             what = "structure" if key == "structure" else "parameters digest"
             differences.append(f"another model ({what} {saved['model'].get(key)} vs {meta['model'][key]} here)")
-    old, new = saved.get("settings", {}), meta["settings"]
-    differences += [f"{key}={old.get(key)!r}, not {new.get(key)!r}" for key in sorted(set(old) | set(new))
-                    if old.get(key) != new.get(key)]
-    if "base_score" in meta and not math.isclose(saved.get("base_score", math.nan), meta["base_score"],
-                                                 rel_tol=1e-6, abs_tol=1e-9):
-        differences.append(f"base score {saved.get('base_score')!r}, not {meta['base_score']!r} "
-                           "(eval_fn scores the unmodified model differently)")
+    if saved.get("estimator") == meta["estimator"]:
+        old, new = saved.get("settings", {}), meta["settings"]
+        differences += [f"{key}={old.get(key)!r}, not {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                        if old.get(key) != new.get(key)]
+        if "base_score" in meta and not math.isclose(saved.get("base_score", math.nan), meta["base_score"],
+                                                     rel_tol=1e-6, abs_tol=1e-9):
+            differences.append(f"base score {saved.get('base_score')!r}, not {meta['base_score']!r} "
+                               "(eval_fn scores the unmodified model differently)")
     if differences:
         raise EnvironmentMismatchError(f"{path} holds importance made with {'; '.join(differences)}: resuming it "
                                        f"would return those scores as this run's; {remedy}")

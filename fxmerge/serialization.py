@@ -89,10 +89,11 @@ def read_json(path: str | os.PathLike, what: str = "fxmerge") -> dict:
     except UnicodeDecodeError:
         raise MalformedFileError(f"{path}: not a {what} file (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
-        cut = exc.pos >= len(raw.rstrip()) or exc.msg.startswith("Unterminated string")
-        problem = "it is cut off (truncated)" if cut else f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-        raise MalformedFileError(f"{path}: not a valid {what} file: the JSON is malformed ({problem}); "
-                                 "delete it or re-create it") from None
+        if exc.pos >= len(raw.rstrip()) or exc.msg.startswith("Unterminated string"):
+            problem = "the JSON ends too early (a truncated file?)"
+        else:
+            problem = f"the JSON is malformed: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise MalformedFileError(f"{path}: not a valid {what} file: {problem}; delete it or re-create it") from None
     if not isinstance(data, dict):
         raise MalformedFileError(f"{path}: not a {what} file: it holds a JSON {_json_kind(data)}, not an object")
     return data
