@@ -21,7 +21,10 @@ its own partial file, and rank 0 writes the full table.
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import os
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,15 +35,17 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from fxmerge.api import analyze
-from fxmerge.errors import FxMergeError
+from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis
 from fxmerge.passes.rewrite import linearize
-from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
 from fxmerge.timing import Progress
+from fxmerge.validation import check_batches, check_count, check_inputs, check_mapping, check_number, is_int, is_real
 
-FORMAT, VERSION = "fxmerge.importance", 1
+# Version 2 records what a table was made from (model, estimator, settings), so a run resumes
+# only into a file made the same way; version-1 files still load, but never resume.
+FORMAT, VERSION, READABLE = "fxmerge.importance", 2, (1, 2)
 Pair = tuple[int, int, int]  # (chain index, i, j)
 
 
@@ -74,12 +79,16 @@ def sgd_finetune(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum
     """A ``train_fn``: ``steps`` SGD steps (Nesterov, cosine-decayed lr, as the paper) over
     ``(inputs, targets)`` batches from ``data``, cycled as needed."""
 
+    check_count("steps", steps, hint="SGD steps per candidate, e.g. 100")
+    check_number("lr", lr, minimum=0, strict=True, hint="the SGD learning rate, e.g. 0.01")
+
     def train(module: nn.Module) -> None:
         module.train()
         opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         done = 0
         while done < steps:
+            before = done
             for inputs, targets in data:
                 opt.zero_grad()
                 loss_fn(module(inputs), targets).backward()
@@ -88,6 +97,9 @@ def sgd_finetune(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum
                 done += 1
                 if done == steps:
                     break
+            if done == before:  # an empty dataset, or a generator already used up: it would never end
+                raise InvalidArgumentError("data yielded no (inputs, targets) batches; give a list or a DataLoader "
+                                           "(a generator is used up after one pass)")
         module.eval()
 
     return train
@@ -190,13 +202,23 @@ class ImportanceTable:
         ``eval_fn(tuned candidate) - eval_fn(original)``. Every pair is trained from the same
         seed, so results do not depend on sharding.
         """
+        example_inputs = check_inputs("example_inputs", example_inputs)
+        _check_callable("eval_fn", eval_fn, "a function module -> score (higher is better)")
+        check_count("seed", seed, minimum=0)
+        settings: dict[str, Any] = {"eval_fn": _callable_name(eval_fn), "seed": seed}
         if train_fn is None:
             if data is None:
-                raise FxMergeError("estimate needs train_fn=..., or data=... for the built-in SGD fine-tuning")
+                raise InvalidArgumentError("estimate needs train_fn=..., or data=... for the built-in SGD fine-tuning")
+            if isinstance(data, Sized) and len(data) == 0:
+                raise InvalidArgumentError("data is empty: give at least one (inputs, targets) batch")
             train_fn = sgd_finetune(data, steps=steps, lr=lr)
+            settings.update(train_fn="fxmerge sgd_finetune", steps=steps, lr=lr, data=_batches_summary(data))
+        else:
+            _check_callable("train_fn", train_fn, "a function that fine-tunes a module in place")
+            settings["train_fn"] = _callable_name(train_fn)
         analysis = analysis or analyze(model, example_inputs, **trace_kwargs)
-        base = eval_fn(copy.deepcopy(model).eval())
-        pairs = list(pairs) if pairs is not None else candidate_pairs(analysis)
+        pairs = _check_pairs(pairs, analysis)
+        base = _finite_score(eval_fn(copy.deepcopy(model).eval()), "eval_fn(model)")
 
         def score(index: int, pair: Pair) -> float:
             candidate = linearize(model, pair_plan(analysis, pair), **trace_kwargs)
@@ -204,7 +226,8 @@ class ImportanceTable:
             train_fn(candidate)
             return eval_fn(candidate.eval()) - base
 
-        meta = {"estimator": "fine-tune", "base_score": base}
+        meta = {"estimator": "fine-tune", "model": model_identity(model, analysis), "settings": settings,
+                "base_score": base}
         return cls(_evaluate(pairs, score, path, progress, meta), meta)
 
     @classmethod
@@ -213,12 +236,13 @@ class ImportanceTable:
                   analysis: Analysis | None = None, **trace_kwargs: Any) -> "ImportanceTable":
         """Training-free: score = -(squared output change / output energy), averaged over
         ``batches`` (each a tensor or a tuple of model inputs). 0 means unchanged."""
-        batches = [as_inputs(b) for b in batches]
+        batches = [check_inputs(f"batches[{k}]", b) for k, b in enumerate(check_batches("batches", batches))]
         analysis = analysis or analyze(model, batches[0], **trace_kwargs)
+        pairs = _check_pairs(pairs, analysis)
+        identity = model_identity(model, analysis)
         model = copy.deepcopy(model).eval()
         with torch.no_grad():
             reference = [_first_tensor(model(*b)) for b in batches]
-        pairs = list(pairs) if pairs is not None else candidate_pairs(analysis)
 
         @torch.no_grad()
         def score(index: int, pair: Pair) -> float:
@@ -227,7 +251,7 @@ class ImportanceTable:
                      for b, ref in zip(batches, reference)]
             return -sum(moved) / len(moved)
 
-        meta = {"estimator": "calibration"}
+        meta = {"estimator": "calibration", "model": identity, "settings": {"batches": _batches_summary(batches)}}
         return cls(_evaluate(pairs, score, path, progress, meta), meta)
 
     # ---------------------------------------------------------------- JSON, printing
@@ -237,16 +261,35 @@ class ImportanceTable:
                 "scores": [[c, i, j, v] for (c, i, j), v in sorted(self.scores.items())]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImportanceTable":
-        check_header(d, FORMAT, VERSION)
-        return cls({(c, i, j): v for c, i, j, v in d["scores"]}, d.get("meta"))
+    def from_dict(cls, d: dict, *, source: str | os.PathLike | None = None) -> "ImportanceTable":
+        """The table ``to_dict`` gave (format version 1 or 2); :class:`MalformedFileError`
+        naming ``source`` (the file) and the entry for rows of the wrong shape or type."""
+        check_header(d, FORMAT, READABLE, source=source)
+        where = f"{source}" if source is not None else "importance table data"
+        rows = d.get("scores")
+        if not isinstance(rows, list):
+            raise MalformedFileError(f"{where}: 'scores' must be a list of [chain, i, j, score] rows; got {rows!r}")
+        scores = {}
+        for k, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == 4 and all(is_int(v) for v in row[:3]) and 0 <= row[1] < row[2]):
+                raise MalformedFileError(f"{where}: scores[{k}] must be a row [chain, i, j, score] with integers "
+                                         f"0 <= i < j; got {row!r}. Fix or delete the file.")
+            if not is_real(row[3]) or not math.isfinite(row[3]):
+                raise MalformedFileError(f"{where}: scores[{k}] (pair {tuple(row[:3])}) has score {row[3]!r}; scores "
+                                         "must be finite numbers. Fix the entry or delete the file.")
+            scores[tuple(row[:3])] = float(row[3])
+        try:
+            meta = dict(check_mapping("meta", d.get("meta", {})))
+        except InvalidArgumentError as exc:
+            raise MalformedFileError(f"{where}: {exc}") from None
+        return cls(scores, meta)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ImportanceTable":
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path, "importance table"), source=path)
 
     def __str__(self) -> str:
         rows = [[c, f"({i}, {j}]", f"{v:+.4f}"] for (c, i, j), v in sorted(self.scores.items())]
@@ -262,14 +305,16 @@ def _evaluate(pairs: list[Pair], score: Callable[[int, Pair], float], path: str 
     partial = None if path is None else (Path(path) if world == 1 else Path(f"{path}.rank{rank}-of-{world}"))
     done: dict[Pair, float] = {}
     if partial is not None and partial.exists():
+        saved = ImportanceTable.load(partial)
+        _check_resumable(saved.meta, meta, partial)
         wanted = set(pairs)
-        done = {p: v for p, v in ImportanceTable.load(partial).scores.items() if p in wanted}
+        done = {p: v for p, v in saved.scores.items() if p in wanted}
     bar = Progress(len(mine), f"fxmerge: importance (rank {rank}/{world})" if world > 1 else "fxmerge: importance", progress)
     bar.step(sum(1 for _, p in mine if p in done))
     for index, pair in mine:
         if pair in done:
             continue
-        done[pair] = float(score(index, pair))
+        done[pair] = _finite_score(score(index, pair), f"the score of pair {pair}")
         if partial is not None:
             write_json(partial, ImportanceTable(done, meta).to_dict())
         bar.step()
@@ -281,3 +326,108 @@ def _evaluate(pairs: list[Pair], score: Callable[[int, Pair], float], path: str 
             write_json(path, ImportanceTable(done, meta).to_dict())
         dist.barrier()
     return {p: done[p] for p in pairs}
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes), in
+    state_dict order: two models with the same digest compute the same function."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # extra state: whatever the module chose to store
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model: nn.Module, analysis: Analysis) -> dict:
+    """What an importance table was estimated on: the model's structure (the fold-only plan's
+    fingerprint, as plans use) and its weights."""
+    return {"structure": Plan.fold_only(analysis).fingerprint(), "parameters": parameter_digest(model)}
+
+
+def _callable_name(fn: Callable) -> str:
+    target = getattr(fn, "func", fn)  # functools.partial
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{getattr(target, '__module__', '?')}.{name}"
+
+
+def _batches_summary(batches: Any) -> dict:
+    """How many batches of which shapes (without iterating a loader that is not a list)."""
+    if not isinstance(batches, (list, tuple)):
+        return {"type": type(batches).__name__, "count": len(batches) if isinstance(batches, Sized) else None}
+
+    def shapes(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return list(item.shape)
+        if isinstance(item, (list, tuple)):
+            return [shapes(x) for x in item]
+        return type(item).__name__
+
+    return {"count": len(batches), "shapes": [shapes(b) for b in batches]}
+
+
+def _check_resumable(saved: dict, meta: dict, path: Path) -> None:
+    """A file resumes a run only if it was made from the same model, by the same estimator,
+    with the same settings; otherwise its scores would be returned as this run's."""
+    remedy = "delete the file or choose another path"
+    if "model" not in saved:
+        raise EnvironmentMismatchError(f"{path} does not record the model and settings it was made with (an older "
+                                       f"fxmerge, or a table saved by hand), so it cannot be resumed safely; {remedy}")
+    differences = []
+    if saved.get("estimator") != meta["estimator"]:  # then their settings are not comparable
+        differences.append(f"estimator {saved.get('estimator')!r}, not {meta['estimator']!r}")
+    for key in ("structure", "parameters"):
+        if saved["model"].get(key) != meta["model"][key]:
+            what = "structure" if key == "structure" else "parameters digest"
+            differences.append(f"another model ({what} {saved['model'].get(key)} vs {meta['model'][key]} here)")
+    if saved.get("estimator") == meta["estimator"]:
+        old, new = saved.get("settings", {}), meta["settings"]
+        differences += [f"{key}={old.get(key)!r}, not {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                        if old.get(key) != new.get(key)]
+        if "base_score" in meta and not math.isclose(saved.get("base_score", math.nan), meta["base_score"],
+                                                     rel_tol=1e-6, abs_tol=1e-9):
+            differences.append(f"base score {saved.get('base_score')!r}, not {meta['base_score']!r} "
+                               "(eval_fn scores the unmodified model differently)")
+    if differences:
+        raise EnvironmentMismatchError(f"{path} holds importance made with {'; '.join(differences)}: resuming it "
+                                       f"would return those scores as this run's; {remedy}")
+
+
+def _check_callable(name: str, value: Any, what: str) -> None:
+    if not callable(value):
+        raise InvalidArgumentError(f"{name} must be {what}; got {type(value).__name__}")
+
+
+def _check_pairs(pairs: Sequence[Pair] | None, analysis: Analysis) -> list[Pair]:
+    """The pairs to estimate: each must be a candidate block of this model (default: all)."""
+    allowed = candidate_pairs(analysis)
+    if pairs is None:
+        return allowed
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise InvalidArgumentError(f"pairs must be a list of (chain, i, j) candidate blocks; got {type(pairs).__name__}")
+    known = set(allowed)
+    out = []
+    for k, pair in enumerate(pairs):
+        pair = tuple(pair) if isinstance(pair, (list, tuple)) else pair
+        if pair not in known:
+            raise InvalidArgumentError(f"pairs[{k}] = {pair!r} is not a candidate block (chain, i, j) of this model; "
+                                       "fxmerge.importance.candidate_pairs(analysis) lists them")
+        out.append(pair)
+    return out
+
+
+def _finite_score(value: Any, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} is {value!r}: eval_fn must return a number") from None
+    if not math.isfinite(value):
+        raise FxMergeError(f"{what} is {value}: eval_fn must return a finite number (and the model's outputs must "
+                           "be finite)")
+    return value

@@ -27,17 +27,22 @@ from tabulate import tabulate
 from fxmerge.api import analyze
 from fxmerge.convs import conv_for_geometry
 from fxmerge.cost import CostModel, add_key, conv_key, model_key
-from fxmerge.errors import FxMergeError
+from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.passes.rewrite import merge
-from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan
-from fxmerge.timing import BACKENDS, Progress, Timing, calibrate, compare_latency, device_name, runner, sample
+from fxmerge.timing import (BACKENDS, Progress, Timing, calibrate, check_timing_settings, compare_latency, device_name,
+                            evaluating, runner, sample)
+from fxmerge.validation import (check_choice, check_count, check_inputs, check_mapping, check_number, check_shape,
+                                check_torch_dtype)
 
 FORMAT, VERSION = "fxmerge.latency", 1
 _REFERENCE = "model (BatchNorm folded)"  # the end-to-end reference among the entries
+# What the numbers mean depends on these: a table measured with another value is refused.
+# A different torch version or thread count only makes them less accurate: a warning.
+MUST_MATCH, SHOULD_MATCH = ("backend", "dtype", "device"), ("torch", "threads")
 
 
 class MissingLatencyError(FxMergeError):
@@ -57,11 +62,16 @@ class LatencyTable:
     def __init__(self, entries: dict[str, dict] | None = None, fingerprint: dict | None = None,
                  references: dict[str, dict] | None = None, limits: dict | None = None,
                  pending: dict[str, dict] | None = None):
+        for name, value in (("entries", entries), ("fingerprint", fingerprint), ("references", references),
+                            ("limits", limits), ("pending", pending)):
+            if value is not None:
+                check_mapping(name, value)
         self.entries = dict(entries or {})
         self.fingerprint = dict(fingerprint or {})
         self.references = dict(references or {})  # model key -> end-to-end reference
         self.limits = dict(limits or {})
         self.pending = dict(pending or {})  # samples of an unfinished measurement
+        _check_contents(self)
 
     # ---------------------------------------------------------------- measuring
 
@@ -73,12 +83,14 @@ class LatencyTable:
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
         follow them). With ``path``, finished entries are saved as they come and an existing
         file there is resumed."""
-        example_inputs = as_inputs(example_inputs)
-        if backend not in BACKENDS:
-            raise FxMergeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        example_inputs = check_inputs("example_inputs", example_inputs)
+        check_timing_settings(backend=backend, warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, rounds=rounds)
+        _check_folder(path)
         table = cls(fingerprint=environment(example_inputs, backend))
         if path is not None and Path(path).exists():
-            table = table | cls.load(path)
+            resumed = cls.load(path)
+            resumed.check_environment(example_inputs, backend=backend, source=path)
+            table = table | resumed
         analysis = analyze(model, example_inputs, limits=limits, **trace_kwargs)
         table.limits = _limits_dict(analysis.limits)
         table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup, repeats=repeats,
@@ -90,8 +102,12 @@ class LatencyTable:
                         repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
                         reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
         """Measure the terms ``model`` needs that the table lacks (and its end-to-end
-        reference, unless ``reference=False``); returns ``self``."""
-        example_inputs = as_inputs(example_inputs)
+        reference, unless ``reference=False``); returns ``self``. With ``path``, progress is
+        saved there; a complete table writes nothing (so a cached table in a read-only folder
+        serves)."""
+        example_inputs = check_inputs("example_inputs", example_inputs)
+        check_timing_settings(warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, rounds=rounds)
+        _check_folder(path)
         backend = self.fingerprint.setdefault("backend", "eager")
         self.check_environment(example_inputs)
         if analysis is None:
@@ -118,11 +134,13 @@ class LatencyTable:
                 state = self.pending.setdefault(key, {"samples": [], "calls": 0, "rounds": 0})
                 if state["rounds"] <= r:
                     module, inputs = builders[key]()
-                    fn = runner(module, inputs, backend)
-                    calls = calibrate(fn, x.device, warmup=1 if state["calls"] else warmup, min_repeat_ms=min_repeat_ms,
-                                      warmup_ms=300.0 if key == _REFERENCE and r == 0 else 0.0)
-                    state["calls"] = state["calls"] or calls
-                    state["samples"] += sample(fn, x.device, state["calls"], per_round)
+                    with evaluating(module):
+                        fn = runner(module, inputs, backend)
+                        calls = calibrate(fn, x.device, warmup=1 if state["calls"] else warmup,
+                                          min_repeat_ms=min_repeat_ms,
+                                          warmup_ms=300.0 if key == _REFERENCE and r == 0 else 0.0)
+                        state["calls"] = state["calls"] or calls
+                        state["samples"] += sample(fn, x.device, state["calls"], per_round)
                     state["rounds"] += 1
                     if path is not None:
                         self.save(path)
@@ -134,7 +152,7 @@ class LatencyTable:
                 self.references[mkey] = self._calibrate(model, example_inputs, analysis, timing.ms, **trace_kwargs)
             else:
                 self.entries[key] = timing.to_dict()
-        if path is not None:
+        if path is not None and todo:  # nothing measured, nothing to write
             self.save(path)
         return self
 
@@ -174,9 +192,12 @@ class LatencyTable:
 
     def ms(self, key: str) -> float:
         try:
-            return self.entries[key]["ms"]
+            entry = self.entries[key]
         except KeyError:
             raise MissingLatencyError(f"the latency table has no entry {key!r}") from None
+        # checked at use too: a negative time would make plans with negative latency look feasible
+        return check_number(f"latency table entry {key!r}: ms", entry.get("ms") if isinstance(entry, dict) else None,
+                            minimum=0, hint="milliseconds per call; re-measure the entry")
 
     def missing(self, analysis: Analysis) -> list[str]:
         return sorted(CostModel(analysis, self.ms).required_keys() - self.entries.keys())
@@ -192,27 +213,50 @@ class LatencyTable:
                 "or pass measure_missing=True.")
 
     def reference(self, analysis: Analysis) -> dict | None:
-        return self.references.get(model_key(analysis))
+        key = model_key(analysis)
+        ref = self.references.get(key)
+        if ref is not None:
+            _check_reference(f"references[{key!r}]", ref)
+        return ref
 
     def block_limits(self) -> BlockLimits:
         return BlockLimits(**self.limits) if self.limits else BlockLimits()
 
-    def check_environment(self, example_inputs: Sequence[torch.Tensor]) -> None:
-        """Warn when the table's fingerprint differs from this process and these inputs."""
-        here = environment(example_inputs, self.fingerprint.get("backend", "eager"))
-        diff = {k: (self.fingerprint.get(k), v) for k, v in here.items() if k in self.fingerprint and self.fingerprint[k] != v}
+    def check_environment(self, example_inputs: Sequence[torch.Tensor] | None = None, *, backend: str | None = None,
+                          source: str | os.PathLike | None = None) -> None:
+        """Refuse (:class:`EnvironmentMismatchError`) a table measured for another backend, or
+        for another dtype or device than ``example_inputs``: its numbers mean something else
+        there. Warn when only the torch version or the thread count differ. ``backend`` is the
+        backend the caller will run (default: the table's own); ``source`` names the file."""
+        here = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        if example_inputs is not None:
+            here.update({k: v for k, v in environment(check_inputs("example_inputs", example_inputs), "").items()
+                         if k in ("dtype", "device")})
+        if backend is not None:
+            here["backend"] = backend
+        diff = {k: (self.fingerprint[k], v) for k, v in here.items() if k in self.fingerprint and self.fingerprint[k] != v}
+        what = f"latency table {source}" if source is not None else "latency table"
+        hard = {k: d for k, d in diff.items() if k in MUST_MATCH}
+        if hard:
+            raise EnvironmentMismatchError(
+                f"the {what} was measured for {_describe(hard, 0)}, not {_describe(hard, 1)}: its times do not hold "
+                "here. Measure a table for this setting (another path, or fxmerge table --fresh).")
         if diff:
             text = ", ".join(f"{k}: table {a!r} vs here {b!r}" for k, (a, b) in diff.items())
-            warnings.warn(f"latency table measured elsewhere ({text}); its times may not hold here", stacklevel=3)
+            warnings.warn(f"{what} measured elsewhere ({text}); its times may not hold here", stacklevel=3)
 
     # ---------------------------------------------------------------- combining, JSON
 
     def __or__(self, other: "LatencyTable") -> "LatencyTable":
-        """A table with both tables' entries (``other`` wins on duplicates); warns if the two
-        were measured in different environments."""
+        """A table with both tables' entries (``other`` wins on duplicates). Tables measured for
+        different backends, dtypes or devices do not combine; other differences warn."""
         if self.fingerprint and other.fingerprint and self.fingerprint != other.fingerprint:
             diff = sorted(k for k in set(self.fingerprint) | set(other.fingerprint)
                           if self.fingerprint.get(k) != other.fingerprint.get(k))
+            hard = {k: (self.fingerprint.get(k), other.fingerprint.get(k)) for k in diff if k in MUST_MATCH}
+            if hard:
+                raise EnvironmentMismatchError(f"cannot combine a latency table measured for {_describe(hard, 0)} "
+                                               f"with one measured for {_describe(hard, 1)}")
             warnings.warn(f"combining latency tables from different environments (differ in {diff})", stacklevel=2)
         return LatencyTable({**self.entries, **other.entries}, self.fingerprint or other.fingerprint,
                             {**self.references, **other.references}, self.limits or other.limits,
@@ -224,25 +268,98 @@ class LatencyTable:
                 **({"pending": self.pending} if self.pending else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyTable":
-        check_header(d, FORMAT, VERSION)
-        return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"), d.get("pending"))
+    def from_dict(cls, d: dict, *, source: str | os.PathLike | None = None) -> "LatencyTable":
+        """The table ``to_dict`` gave; :class:`MalformedFileError` (naming ``source``, the file,
+        and the entry) for a wrong header or entries of the wrong type or sign."""
+        check_header(d, FORMAT, VERSION, source=source)
+        try:
+            check_mapping("entries", d.get("entries"))
+            return cls(d["entries"], d.get("fingerprint"), d.get("references"), d.get("limits"), d.get("pending"))
+        except InvalidArgumentError as exc:
+            where = f"{source}" if source is not None else "latency table data"
+            raise MalformedFileError(f"{where}: {exc}. Fix or delete the file and measure the table again.") from None
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path, "latency table"), source=path)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __str__(self) -> str:
         env = ", ".join(f"{k}={v}" for k, v in self.fingerprint.items())
-        rows = [[k, f"{v['ms']:.4f}", f"{v['spread']:.4f}"] for k, v in sorted(self.entries.items(), key=lambda kv: -kv[1]["ms"])[:10]]
+        rows = [[k, f"{v['ms']:.4f}", f"{v.get('spread', 0.0):.4f}"] for k, v in sorted(self.entries.items(), key=lambda kv: -kv[1]["ms"])[:10]]
         return (f"fxmerge latency table: {len(self.entries)} entries, {len(self.references)} model references ({env})\n"
                 + tabulate(rows, headers=["slowest entries", "ms", "spread"]))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_folder(path: str | os.PathLike | None) -> None:
+    """A measurement saves as it goes: its folder must exist before anything is timed."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise InvalidArgumentError(f"path: the folder {str(Path(path).parent)!r} of {str(path)!r} does not exist; "
+                                   "create it or choose another path")
+
+
+def _describe(diff: dict[str, tuple[Any, Any]], side: int) -> str:
+    return ", ".join(f"{k} {v[side]!r}" for k, v in diff.items())
+
+
+def _check_contents(table: LatencyTable) -> None:
+    """Every part of a table has the type and sign the cost model relies on; raises
+    :class:`InvalidArgumentError` naming the part (``from_dict`` adds the file's name)."""
+    check_mapping("fingerprint", table.fingerprint)
+    fp = table.fingerprint
+    if "backend" in fp:
+        check_choice("fingerprint['backend']", fp["backend"], BACKENDS)
+    if "dtype" in fp:
+        check_torch_dtype("fingerprint['dtype']", fp["dtype"])
+    if "threads" in fp:
+        check_count("fingerprint['threads']", fp["threads"])
+    for key, entry in table.entries.items():
+        name = f"entries[{key!r}]"
+        check_mapping(name, entry)
+        check_number(f"{name}['ms']", entry.get("ms"), minimum=0, hint="milliseconds per call")
+        if "spread" in entry:
+            check_number(f"{name}['spread']", entry["spread"], minimum=0)
+        for count in ("repeats", "calls"):
+            if count in entry:
+                check_count(f"{name}[{count!r}]", entry[count])
+    for key, ref in check_mapping("references", table.references).items():
+        _check_reference(f"references[{key!r}]", ref)
+    known = set(_limits_dict(BlockLimits()))
+    if not set(table.limits) <= known:
+        raise InvalidArgumentError(f"limits may hold only {sorted(known)}; got {sorted(table.limits)}")
+    for key, value in table.limits.items():
+        check_number(f"limits[{key!r}]", value, minimum=0, strict=True)
+    for key, state in check_mapping("pending", table.pending).items():
+        name = f"pending[{key!r}]"
+        check_mapping(name, state)
+        samples = state.get("samples")
+        if not isinstance(samples, list):
+            raise InvalidArgumentError(f"{name}['samples'] must be a list of milliseconds; got {samples!r}")
+        for k, v in enumerate(samples):
+            check_number(f"{name}['samples'][{k}]", v, minimum=0)
+        check_count(f"{name}['calls']", state.get("calls"), minimum=0)
+        check_count(f"{name}['rounds']", state.get("rounds"), minimum=0)
+
+
+def _check_reference(name: str, ref: Any) -> None:
+    """An end-to-end reference: its times are finite and >= 0 (a negative rest would make
+    plans with negative predicted latency)."""
+    check_mapping(name, ref)
+    for field in ("original_ms", "rest_ms", "overhead_ms"):
+        check_number(f"{name}[{field!r}]", ref.get(field), minimum=0, hint="milliseconds; re-measure the table")
+    inputs = ref.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgumentError(f"{name}['inputs'] must be a list of input shapes; got {inputs!r}")
+    for k, shape in enumerate(inputs):
+        check_shape(f"{name}['inputs'][{k}]", shape)
 
 
 def _limits_dict(limits: BlockLimits) -> dict:

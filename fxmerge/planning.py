@@ -11,11 +11,13 @@ import torch.nn as nn
 
 from fxmerge.api import analyze
 from fxmerge.cost import CostModel
-from fxmerge.errors import FxMergeError
+from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError
+from fxmerge.latency import LatencyTable
 from fxmerge.passes import dp
 from fxmerge.passes.analysis import Analysis, Chain
-from fxmerge.passes.tracing import as_inputs
 from fxmerge.plans import Plan, cheapest_cover
+from fxmerge.timing import BACKENDS
+from fxmerge.validation import check_budget, check_choice, check_importance, check_inputs, check_resolution
 
 log = logging.getLogger("fxmerge")
 
@@ -75,9 +77,10 @@ def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | N
     return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs)
 
 
-def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, budget_ms: float | None = None,
-         importance: Importance | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
-         resolution: float | None = None, measure_missing: bool = False, analysis: Analysis | None = None,
+def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None = None,
+         budget_ms: float | None = None, importance: Importance | None = None,
+         example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
+         measure_missing: bool = False, analysis: Analysis | None = None, backend: str | None = None,
          **trace_kwargs: Any) -> Plan:
     """Choose which activations to keep and where to merge, exactly, under a latency budget.
 
@@ -86,15 +89,26 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
     table says merging is faster. ``importance`` (an :class:`~fxmerge.ImportanceTable`, or a
     mapping ``(chain, i, j) -> score``) scores keeping the activations at positions i and j of a
     chain with every one between them dropped (pairs it lacks may not be chosen); without it
-    every kept activation is worth 1. ``example_inputs`` defaults to
-    random inputs of the shapes the table was measured with.
+    every kept activation is worth 1. ``example_inputs`` defaults to random inputs of the shapes
+    the table was measured with. ``resolution`` is the DP's cost grid in ms (default: the
+    budget / 1000). ``backend``, when given, is the backend the plan is for: a table measured
+    for another one is refused, as is one measured for another dtype or device than
+    ``example_inputs``.
 
     The plan records the predicted latencies (``plan.info``) and prints as a report.
     """
-    if budget is not None and budget_ms is not None:
-        raise FxMergeError("give budget (a fraction) or budget_ms, not both")
-    example_inputs = _example_inputs(latency_table, example_inputs)
-    latency_table.check_environment(example_inputs)
+    budget, budget_ms = _check_budgets(budget, budget_ms)
+    importance = check_importance(importance)
+    resolution = check_resolution(resolution)
+    if not isinstance(latency_table, LatencyTable):
+        raise InvalidArgumentError(f"latency_table must be a fxmerge.LatencyTable (LatencyTable.load(path) reads a "
+                                   f"saved one); got {type(latency_table).__name__}")
+    if backend is not None:
+        check_choice("backend", backend, BACKENDS)
+    given = example_inputs is not None
+    example_inputs = check_inputs("example_inputs", example_inputs) if given else _example_inputs(latency_table)
+    # Inputs made up from the table match its dtype by construction; their device is not its.
+    latency_table.check_environment(example_inputs if given else None, backend=backend)
     if analysis is None:
         analysis = analyze(model, example_inputs, limits=latency_table.block_limits(), **trace_kwargs)
     if measure_missing:
@@ -111,19 +125,64 @@ def plan(model: nn.Module, latency_table: Any, *, budget: float | None = None, b
             log.info("fxmerge: no importance given, every kept activation counts 1; "
                      "real importance needs data (ImportanceTable)")
         elif hasattr(importance, "extend"):  # an ImportanceTable: extend its entries to every pair
+            _check_importance_model(importance, analysis)
             importance = importance.extend(analysis)
         target = budget * original if budget is not None else budget_ms
-        chosen = _select(analysis, _concatenate(analysis, cost, importance), target - rest, rest, resolution)
+        problem = _concatenate(analysis, cost, importance)
+        _check_coverable(analysis, problem)
+        chosen = _select(analysis, problem, target - rest, rest, resolution)
     chosen.info.update(_report(analysis, cost, chosen, rest, original, reference is not None, target))
     return chosen
 
 
-def _example_inputs(table: Any, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-    if example_inputs is not None:
-        return as_inputs(example_inputs)
+def _check_budgets(budget: Any, budget_ms: Any) -> tuple[float | None, float | None]:
+    if budget is not None and budget_ms is not None:
+        raise InvalidArgumentError("give budget (a fraction of the original's latency) or budget_ms "
+                                   "(milliseconds), not both")
+    if budget is not None:
+        budget = check_budget("budget", budget, "a fraction of the original's latency, e.g. 0.6")
+    if budget_ms is not None:
+        budget_ms = check_budget("budget_ms", budget_ms, "the end-to-end latency in milliseconds, e.g. 12.5")
+    return budget, budget_ms
+
+
+def _check_importance_model(importance: Any, analysis: Analysis) -> None:
+    """An importance table estimated for another model scores other positions: refuse it."""
+    made_for = importance.meta.get("model", {}).get("structure")
+    here = Plan.fold_only(analysis).fingerprint()
+    if made_for is not None and made_for != here:
+        raise EnvironmentMismatchError(
+            f"the importance table was estimated for another model (structure {made_for}, this model's is {here}); "
+            "estimate importance for this model")
+
+
+def _check_coverable(analysis: Analysis, problem: _Concatenated) -> None:
+    """Every chain needs a sequence of scored pairs from its start to its end; name the chain
+    and the pairs whose scores are missing when one has none (instead of a bare DP failure)."""
+    for chain in analysis.chains:
+        off = problem.offsets[chain.index]
+        scored = {(i - off, j - off) for i, j in problem.importance if off <= i and j <= off + chain.length}
+        reached = {0}
+        for j in chain.kept_candidates[1:]:
+            if any((i, j) in scored for i in reached):
+                reached.add(j)
+        if chain.length in reached:
+            continue
+        points = chain.kept_candidates
+        missing = [(chain.index, a, b) for a, b in zip(points[:-1], points[1:]) if (a, b) not in scored]
+        shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise InvalidArgumentError(
+            f"importance has no scores that lead through chain {chain.index} ({chain.name()}): no scored pairs of "
+            f"kept activations go from position 0 to {chain.length} (kept activations are possible at "
+            f"{', '.join(map(str, points))}). Missing, among others: importance[(chain, i, j)] for {shown}. "
+            "Score those pairs (an ImportanceTable from estimate/calibrate has them), or pass importance=None.")
+
+
+def _example_inputs(table: LatencyTable) -> tuple[torch.Tensor, ...]:
     shapes = [r["inputs"] for r in table.references.values()]
     if len(shapes) != 1:
-        raise FxMergeError("pass example_inputs: the latency table holds no single reference input shape")
+        raise InvalidArgumentError(f"pass example_inputs=...: the latency table holds {len(shapes)} reference input "
+                                   "shapes, not one, so the model's input shape is not known")
     dtype = getattr(torch, table.fingerprint.get("dtype", "float32"))
     return tuple(torch.randn(s, dtype=dtype) for s in shapes[0])
 
@@ -146,6 +205,8 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
         raise InfeasibleBudgetError(
             f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {smallest:.4g} ms "
             f"(predicted end-to-end). Raise the budget.{_hint(analysis, problem, smallest, rest)}", smallest) from None
+    except dp.InvalidInput as exc:  # what the argument checks above did not already refuse
+        raise InvalidArgumentError(str(exc)) from None
     choice = {}
     for chain in analysis.chains:
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]

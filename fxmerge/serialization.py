@@ -1,26 +1,103 @@
 """The JSON files fxmerge writes (plans, latency and importance tables): a format name and a
-version in every file, and writes that never leave a half-written file behind."""
+version in every file, reads that say what is wrong with a bad file, and writes that never
+leave a half-written file behind.
+
+Writes go to a temporary file of their own in the target folder, synced to disk, then renamed
+over the target in one step (``os.replace``): a reader sees the old file or the new one, never
+a mix, and two processes saving the same path at once cannot trip over each other's
+temporary file.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
-from fxmerge.errors import FxMergeError
+from fxmerge.errors import FxMergeError, MalformedFileError
 
 
-def check_header(data: dict, fmt: str, version: int, error: type[FxMergeError] = FxMergeError) -> None:
-    if data.get("format") != fmt:
-        raise error(f"not an {fmt} file (format={data.get('format')!r})")
-    if data.get("version") != version:
-        raise error(f"{fmt} version {data.get('version')} is not supported (expected {version})")
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def check_header(data: Any, fmt: str, version: int | Collection[int], error: type[FxMergeError] = MalformedFileError,
+                 *, source: str | os.PathLike | None = None) -> None:
+    """Raise ``error`` unless ``data`` is a ``fmt`` object of a supported ``version`` (one
+    version or several). ``source`` (a file) is named in the message."""
+    where = f"{source}: " if source is not None else ""
+    if not isinstance(data, dict):
+        raise error(f"{where}not a {fmt} file: it holds a JSON {_json_kind(data)}, not an object")
+    found = data.get("format")
+    if found != fmt:
+        what = f"its format is {found!r}" if found is not None else "it has no 'format' field"
+        raise error(f"{where}not a {fmt} file ({what}); pass a file that fxmerge saved as {fmt}")
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    found = data.get("version")
+    if type(found) is not int or found not in versions:  # `type`: JSON true must not pass as 1
+        readable = " or ".join(map(str, versions))
+        raise error(f"{where}{fmt} version {found!r} is not supported (this fxmerge reads version {readable}); "
+                    "re-create the file with this version of fxmerge")
 
 
 def write_json(path: str | os.PathLike, data: dict, indent: int | None = None) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
-    tmp.replace(path)
+    """Write ``data`` to ``path`` atomically (see the module's docstring)."""
+    path = Path(path)
+    text = json.dumps(data, indent=indent)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes files only their owner can read
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_json(path: str | os.PathLike, what: str = "fxmerge") -> dict:
+    """The JSON object in ``path``; :class:`MalformedFileError` naming the file (and that it
+    should hold a ``what`` file) when it is empty, not JSON, cut off or not an object."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise MalformedFileError(f"{path}: the {what} file is empty (an interrupted write?); delete it or re-create it")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise MalformedFileError(f"{path}: not a {what} file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(raw.rstrip()) or exc.msg.startswith("Unterminated string"):
+            problem = "the JSON ends too early (a truncated file?)"
+        else:
+            problem = f"the JSON is malformed: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise MalformedFileError(f"{path}: not a valid {what} file: {problem}; delete it or re-create it") from None
+    if not isinstance(data, dict):
+        raise MalformedFileError(f"{path}: not a {what} file: it holds a JSON {_json_kind(data)}, not an object")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")

@@ -7,19 +7,20 @@ time excluded) and ``"onnxruntime"`` (with the ``onnx`` extra installed).
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from fxmerge.errors import FxMergeError
-from fxmerge.passes.tracing import as_inputs
+from fxmerge.errors import FxMergeError, InvalidArgumentError
+from fxmerge.validation import check_choice, check_count, check_inputs, check_number
 
 BACKENDS = ("eager", "inductor", "onnxruntime")
 
@@ -55,10 +56,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {name}"
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule of ``modules`` in eval mode, and give each back the
+    mode it had (timing must not switch a caller's model to eval, nor run BatchNorm in
+    training mode and move its statistics)."""
+    before = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in before:
+            m.training = training
+
+
 def runner(module: nn.Module, inputs: Sequence[torch.Tensor], backend: str) -> Callable[[], object]:
     """A no-argument callable running ``module(*inputs)`` on ``backend`` (compiled/exported
-    once here, so that cost never reaches the timings)."""
-    module = module.eval()
+    once here, so that cost never reaches the timings). It leaves ``module`` as it is: build and
+    call it inside :func:`evaluating` to time the module in eval mode."""
     if backend == "eager":
         return lambda: module(*inputs)
     if backend == "inductor":
@@ -72,7 +88,8 @@ def runner(module: nn.Module, inputs: Sequence[torch.Tensor], backend: str) -> C
         return lambda: compiled(*inputs)
     if backend == "onnxruntime":
         return _onnx_runner(module, inputs)
-    raise FxMergeError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_choice("backend", backend, BACKENDS)
+    raise AssertionError(f"backend {backend!r} is listed in BACKENDS but has no runner")
 
 
 def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
@@ -133,7 +150,8 @@ def sample(fn: Callable[[], object], device: torch.device, calls: int, repeats: 
 def measure_latency(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
                     rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0, warmup_ms: float = 500.0) -> Timing:
     """End-to-end latency of ``module`` timed as latency-table entries are (device, dtype and
-    batch follow ``example_inputs``): median over ``repeats`` samples taken in ``rounds``."""
+    batch follow ``example_inputs``): median over ``repeats`` samples taken in ``rounds``.
+    ``module`` is timed in eval mode and left in the mode it was in."""
     return compare_latency({"model": module}, example_inputs, backend=backend, rounds=rounds, repeats=repeats,
                            min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)["model"]
 
@@ -143,17 +161,38 @@ def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[t
                     warmup_ms: float = 500.0) -> dict[str, Timing]:
     """Time several modules interleaved: each round samples every module in turn, so a machine
     whose speed drifts (shared hosts do, by tens of percent over tens of seconds) shifts them
-    all alike and their ratios stay honest."""
-    example_inputs = as_inputs(example_inputs)
+    all alike and their ratios stay honest. The modules are timed in eval mode and left in the
+    mode they were in."""
+    check_timing_settings(backend=backend, rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms,
+                          warmup_ms=warmup_ms)
+    if not isinstance(modules, Mapping) or not modules or not all(isinstance(m, nn.Module) for m in modules.values()):
+        raise InvalidArgumentError("modules must be a non-empty mapping name -> nn.Module, e.g. {'model': model}; "
+                                   f"got {type(modules).__name__}")
+    example_inputs = check_inputs("example_inputs", example_inputs)
     device = example_inputs[0].device
-    fns = {name: runner(m, example_inputs, backend) for name, m in modules.items()}
-    calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms) for name, fn in fns.items()}
-    per_round = max(1, -(-repeats // rounds))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name] += sample(fn, device, calls[name], per_round)
+    with evaluating(*modules.values()):
+        fns = {name: runner(m, example_inputs, backend) for name, m in modules.items()}
+        calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms) for name, fn in fns.items()}
+        per_round = max(1, -(-repeats // rounds))
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                samples[name] += sample(fn, device, calls[name], per_round)
     return {name: Timing.from_samples(samples[name], calls[name]) for name in fns}
+
+
+def check_timing_settings(**settings: Any) -> None:
+    """The timing arguments shared by measure_latency, compare_latency and LatencyTable."""
+    checks = {
+        "backend": lambda v: check_choice("backend", v, BACKENDS),
+        "rounds": lambda v: check_count("rounds", v, hint="interleaved passes over everything timed"),
+        "repeats": lambda v: check_count("repeats", v, hint="samples per entry, e.g. 9"),
+        "warmup": lambda v: check_count("warmup", v, minimum=0, hint="untimed calls before timing"),
+        "min_repeat_ms": lambda v: check_number("min_repeat_ms", v, minimum=0, hint="milliseconds per sample"),
+        "warmup_ms": lambda v: check_number("warmup_ms", v, minimum=0, hint="milliseconds of warm-up"),
+    }
+    for name, value in settings.items():
+        checks[name](value)
 
 
 class Progress:

@@ -13,6 +13,51 @@ import numpy as np
 
 Block = tuple[int, int]
 
+# Stage 2 keeps two (positions x grid cells) arrays; this many cells per position (1000 times the
+# default grid of budget / 1000) is ~1.3 GB for a 40-position model and a second or two of work.
+MAX_GRID_UNITS = 2_000_000
+
+
+class InvalidInput(ValueError):
+    """An input of the DP is not usable (a non-finite number, a grid too fine, no cover)."""
+
+
+class GridTooFine(InvalidInput):
+    """``budget / resolution`` exceeds :data:`MAX_GRID_UNITS`."""
+
+
+class NoCover(InvalidInput):
+    """No sequence of allowed pairs leads from position 0 to the end."""
+
+
+def _finite(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} must be a finite number; got {value!r}") from None
+    if not math.isfinite(value):
+        raise InvalidInput(f"{name} must be a finite number; got {value!r}")
+    return value
+
+
+def check_grid(budget: float, resolution: float) -> None:
+    """Raise :class:`GridTooFine` when ``budget`` on a ``resolution`` grid needs more than
+    :data:`MAX_GRID_UNITS` cells; the message names a resolution that would do."""
+    if resolution <= 0 or not math.isfinite(resolution):
+        raise InvalidInput(f"resolution must be a finite number > 0; got {resolution!r}")
+    units = budget / resolution
+    if units > MAX_GRID_UNITS:
+        raise GridTooFine(
+            f"resolution={resolution:g} ms puts the budget of {budget:.6g} ms on {units:.3g} grid cells, more than "
+            f"the DP's limit of {MAX_GRID_UNITS:,} (memory grows with it); use resolution >= "
+            f"{_round_up(budget / MAX_GRID_UNITS):g} ms, or resolution=None for budget / 1000")
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits (a resolution to suggest)."""
+    scale = 10 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / scale - 1e-9) * scale
+
 
 def optimal_merge_times(times: Mapping[Block, float]) -> tuple[dict[Block, float], dict[Block, tuple[int, ...]]]:
     """Stage 1: the cheapest way to cover every pair ``(i, j)`` with valid blocks.
@@ -82,7 +127,8 @@ class _Problem:
             for i in self.points[:jx]:
                 if (i, j) in self.topt and (i, j) in importance:
                     cost = self.topt[(i, j)] + (costs.get(j, 0.0) if j != length else 0.0)
-                    self.pairs.append((i, j, cost, float(importance[(i, j)])))
+                    score = _finite(f"importance[{(i, j)}]", importance[(i, j)])
+                    self.pairs.append((i, j, _finite(f"the cost of segment {(i, j)}", cost), score))
         self.cost_imp = {(i, j): (c, imp) for i, j, c, imp in self.pairs}
 
     def discretise(self, resolution: float | None, scale: float) -> None:
@@ -90,8 +136,7 @@ class _Problem:
         if resolution is None:
             scale = scale if scale > 0 else max((c for _, _, c, _ in self.pairs), default=1.0)
             resolution = scale / 1000 or 1.0
-        if resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+        check_grid(scale, resolution)
         self.resolution = resolution
         self.unit = {(i, j): math.ceil(c / self.resolution - 1e-9) for i, j, c, _ in self.pairs}
         position = {p: k for k, p in enumerate(self.points)}
@@ -151,8 +196,14 @@ class _Problem:
                     abs(cand[0] - old[0]) <= _TOL * (1 + abs(old[0])) and cand[1] < old[1]):
                 best[j] = cand
         if self.length not in best:
-            raise ValueError(f"no chain of allowed pairs covers positions 0..{self.length}")
+            raise self.no_cover(best)
         return best[self.length][1]
+
+    def no_cover(self, reached: Iterable[int]) -> NoCover:
+        last = max(p for p in reached if p != self.length)
+        return NoCover(f"no chain of allowed pairs covers positions 0..{self.length}: from position 0 the allowed "
+                       f"pairs reach position {last} at most; allow a pair (i, j) with i <= {last} < j "
+                       "(give it an importance and valid blocks covering it)")
 
     def cheapest_units(self) -> int | None:
         """The least rounded cost of any complete selection (None if there is none)."""
@@ -163,6 +214,31 @@ class _Problem:
                 if cand < least.get(j, cand + 1):
                     least[j] = cand
         return least.get(self.length)
+
+    def dearest_cost(self) -> float | None:
+        """The greatest unrounded cost of any complete selection (None if there is none): a
+        budget above it buys nothing more, so the grid never needs to reach past it."""
+        most = {0: 0.0}
+        for i, j, c, _ in self.pairs:  # ordered by end: every start is final when used
+            if i in most:
+                most[j] = max(most.get(j, -math.inf), most[i] + c)
+        return most.get(self.length)
+
+    def dearest_units(self) -> int:
+        """The greatest rounded cost of any complete selection (one exists)."""
+        most = {0: 0}
+        for i, j, _, _ in self.pairs:
+            if i in most:
+                most[j] = max(most.get(j, -1), most[i] + self.unit[(i, j)])
+        return most[self.length]
+
+    def reachable(self) -> set[int]:
+        """Positions some sequence of allowed pairs leads to from 0."""
+        seen = {0}
+        for i, j, _, _ in self.pairs:  # pairs are ordered by their end, so one pass suffices
+            if i in seen:
+                seen.add(j)
+        return seen
 
 
 _TOL = 1e-9
@@ -179,14 +255,18 @@ def select(times: Mapping[Block, float], importance: Mapping[Block, float], leng
     the segments plus ``position_costs`` of kept positions, each segment's cost rounded *up* to
     ``resolution`` (default budget / 1000), being at most ``budget``. Exactly optimal, ties to
     the lower latency, when the costs lie on the resolution grid; never over budget. Raises
-    :class:`InfeasibleBudget` with the smallest feasible budget.
+    :class:`InfeasibleBudget` with the smallest feasible budget, :class:`NoCover` when no
+    sequence of allowed pairs covers 0..length, :class:`GridTooFine` when the budget (or the
+    dearest selection, if that is less) spans more than :data:`MAX_GRID_UNITS` grid cells.
     """
+    budget = _finite("budget", budget)
     problem = _Problem(times, importance, length, candidates, position_costs)
-    problem.discretise(resolution, budget)
-    units = math.floor(budget / problem.resolution + 1e-9)
+    dearest = problem.dearest_cost()
+    if dearest is None:
+        raise problem.no_cover(problem.reachable())
+    problem.discretise(resolution, min(budget, dearest))  # the grid spans only budgets that matter
+    units = min(math.floor(budget / problem.resolution + 1e-9), problem.dearest_units())
     least = problem.cheapest_units()
-    if least is None:
-        raise ValueError(f"no chain of allowed pairs covers positions 0..{length}")
     if least > units:
         raise InfeasibleBudget(budget, least * problem.resolution)
     best, parent, idx = problem.solve(units)
@@ -204,6 +284,7 @@ def frontier(times: Mapping[Block, float], importance: Mapping[Block, float], le
     problem = _Problem(times, importance, length, candidates, position_costs)
     if max_budget is None:
         max_budget = problem.best_unconstrained_latency()
+    max_budget = min(_finite("max_budget", max_budget), problem.dearest_cost())  # not None: a cover exists
     problem.discretise(resolution, max_budget)
     # slack of one unit per segment, so the unconstrained optimum survives the rounding up
     units = math.ceil(max_budget / problem.resolution - 1e-9) + len(problem.points)

@@ -185,3 +185,23 @@ def test_dp_file_runs_without_torch():
     out = subprocess.run([sys.executable, "-c", code, dp.__file__], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1,)"
+
+
+def test_dp_refuses_unusable_inputs_with_clear_errors():
+    times, scores = {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.5}, {(0, 1): 1.0, (1, 2): 1.0}
+    with pytest.raises(dp.InvalidInput, match="^budget must be a finite number; got nan"):
+        dp.select(times, scores, 2, float("nan"))
+    with pytest.raises(dp.InvalidInput, match=r"importance\[\(0, 1\)\] must be a finite number; got nan"):
+        dp.select(times, {**scores, (0, 1): float("nan")}, 2, 3.0)
+    with pytest.raises(dp.GridTooFine, match="use resolution >= "):
+        dp.select(times, scores, 2, 3.0, resolution=1e-9)
+    with pytest.raises(dp.NoCover, match="reach position 1 at most; allow a pair"):
+        dp.select(times, {(0, 1): 1.0}, 2, 3.0)
+    assert all(issubclass(e, ValueError) for e in (dp.InvalidInput, dp.GridTooFine, dp.NoCover))
+
+
+def test_a_budget_above_every_selection_needs_no_larger_grid():
+    times, scores = {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.5}, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 0.5}
+    chosen = dp.select(times, scores, 2, 1e12, resolution=0.5)  # 2e12 cells, were the grid not capped
+    assert chosen.kept == (1,) and chosen.latency == 2.0
+    assert [p.latency for p in dp.frontier(times, scores, 2, resolution=0.5, max_budget=1e12)] == [1.5, 2.0]

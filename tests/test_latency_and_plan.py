@@ -1,7 +1,8 @@
-"""Latency tables, fxmerge.plan / compress and the CLI, on small models with tiny, quick tables.
+"""Latency tables, fxmerge.plan / compress and the CLI, on small models.
 
-Nothing here asserts on timings (they belong in benchmarks/); the tests check what the
-measured numbers flow into.
+Nothing here asserts on timings (they belong in benchmarks/): measuring is tested with tiny,
+quick tables whose numbers do not matter; planning tests whose outcome depends on the numbers
+use synthetic tables (tests/synthetic.py), so a loaded machine cannot change what they see.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from conftest import count_convs, feasible_budget, randomize
+import fxmerge.artifacts
+from conftest import count_convs, randomize
 from fxmerge import timing
+from synthetic import feasible_budget, merging_pays_table
 
 QUICK = dict(repeats=2, rounds=2, min_repeat_ms=0.5, warmup=1)
 
@@ -60,6 +63,13 @@ def table(tmp_path_factory):
     return fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), path=tmp_path_factory.mktemp("t") / "t.json", **QUICK)
 
 
+@pytest.fixture(scope="module")
+def synthetic():
+    """tiny_mbv2's table with made-up times: every conv 1 ms, merged or not, each kept
+    activation and explicit add 0.25 ms, the rest 1 ms."""
+    return merging_pays_table(fxmerge.analyze(tiny_mbv2(), (X,)), (X,))
+
+
 def test_table_covers_every_cost_term_and_round_trips(table, tmp_path):
     analysis = fxmerge.analyze(tiny_mbv2(), (X,))
     assert table.missing(analysis) == []
@@ -87,8 +97,8 @@ def test_each_distinct_spec_is_measured_once(table):
     assert len([k for k in keys if k.startswith("conv")]) < blocks  # the two residual blocks share specs
 
 
-def test_plan_and_compress_are_exact_and_deterministic(table):
-    model = tiny_mbv2()
+def test_plan_and_compress_are_exact_and_deterministic(synthetic):
+    model, table = tiny_mbv2(), synthetic
     budget = feasible_budget(model, table)
     first = fxmerge.plan(model, table, budget_ms=budget)
     second = fxmerge.plan(model, table, budget_ms=budget)
@@ -105,17 +115,25 @@ def test_plan_and_compress_are_exact_and_deterministic(table):
     assert "predicted latency (end to end)" in text and "pred. ms" in text
 
 
-def test_no_budget_keeps_every_activation(table):
-    model = tiny_mbv2()
+def test_no_budget_keeps_every_activation(synthetic):
+    model, table = tiny_mbv2(), synthetic
     chosen = fxmerge.plan(model, table)
     analysis = fxmerge.analyze(model, (X,))
     assert [c.keep for c in chosen.chains] == [tuple(c.droppable) for c in analysis.chains]
     assert chosen.info["predicted_ms"]["planned"] <= chosen.info["predicted_ms"]["original"] + 1e-9
 
 
-def test_infeasible_budget_states_the_smallest_feasible_one(table):
-    with pytest.raises(fxmerge.InfeasibleBudgetError, match=r"smallest feasible budget is [0-9.]+ ms"):
-        fxmerge.plan(tiny_mbv2(), table, budget=0.01)
+def test_infeasible_budget_states_the_smallest_feasible_one(synthetic):
+    # The cheapest plan drops every activation and merges as far as the block limits allow;
+    # with every conv at 1 ms it costs the rest (1 ms) plus 1 ms per merged conv and its adds.
+    analysis = fxmerge.analyze(tiny_mbv2(), (X,))
+    cheapest = fxmerge.plan(tiny_mbv2(), synthetic, budget_ms=1e6, importance={
+        (c.index, 0, c.length): 1.0 for c in analysis.chains}, resolution=0.25)
+    smallest = cheapest.info["predicted_ms"]["planned"]
+    assert smallest < 0.5 * cheapest.info["predicted_ms"]["original"]
+    with pytest.raises(fxmerge.InfeasibleBudgetError, match=rf"smallest feasible budget is {smallest:g} ms") as info:
+        fxmerge.plan(tiny_mbv2(), synthetic, budget_ms=smallest - 0.25, resolution=0.25)
+    assert info.value.smallest_ms == pytest.approx(smallest)
 
 
 def test_table_serves_a_second_model_whose_specs_it_covers(table):
@@ -178,18 +196,18 @@ def test_interrupted_measurement_resumes_without_losing_samples(tmp_path, monkey
     assert calls["n"] + 10_000 == 2 * total - 6  # two rounds each, minus the six saved
 
 
-def test_compressed_model_compiles_and_exports(table):
-    compressed = fxmerge.compress(tiny_mbv2(), table, budget_ms=feasible_budget(tiny_mbv2(), table))
+def test_compressed_model_compiles_and_exports(synthetic):
+    compressed = fxmerge.compress(tiny_mbv2(), synthetic, budget_ms=feasible_budget(tiny_mbv2(), synthetic))
     with torch.no_grad():
         ref = compressed(X)
         torch.testing.assert_close(torch.compile(compressed, backend="aot_eager")(X), ref)
         torch.testing.assert_close(torch.export.export(compressed, (X,)).module()(X), ref)
 
 
-def test_onnx_export_runs_in_onnxruntime(table, tmp_path):
+def test_onnx_export_runs_in_onnxruntime(synthetic, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    compressed = fxmerge.compress(tiny_mbv2(), table, budget_ms=feasible_budget(tiny_mbv2(), table))
+    compressed = fxmerge.compress(tiny_mbv2(), synthetic, budget_ms=feasible_budget(tiny_mbv2(), synthetic))
     path = tmp_path / "m.onnx"
     torch.onnx.export(compressed, (X,), str(path), dynamo=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -199,8 +217,8 @@ def test_onnx_export_runs_in_onnxruntime(table, tmp_path):
 
 
 @pytest.mark.slow
-def test_inductor_compiles_compressed_model(table):
-    compressed = fxmerge.compress(tiny_mbv2(), table, budget_ms=feasible_budget(tiny_mbv2(), table))
+def test_inductor_compiles_compressed_model(synthetic):
+    compressed = fxmerge.compress(tiny_mbv2(), synthetic, budget_ms=feasible_budget(tiny_mbv2(), synthetic))
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(compressed)(X), compressed(X), rtol=1e-4, atol=1e-5)
 
@@ -220,9 +238,12 @@ def test_cli_table_plan_compress(tmp_path, capsys):
     assert "reused" in out and "predicted latency" in out
     assert fxmerge.Plan.load(tmp_path / "p.json").num_convs >= 1
     assert main(["compress", factory, "--budget-ms", "1000", "-o", str(tmp_path / "m.pt"), *common]) == 0
-    model = torch.load(tmp_path / "m.pt", weights_only=False)
+    model = fxmerge.artifacts.load(tmp_path / "m.pt", tiny_mbv2())
     assert count_convs(model) >= 1 and model(X).shape == (1, 10)
-    assert main(["plan", factory, "--budget", "0.001", *common]) == 2
+    # an infeasible budget, on a table whose numbers are known (a measured one could be anything)
+    synthetic = tmp_path / "synthetic.json"
+    merging_pays_table(fxmerge.analyze(tiny_mbv2(), (X,)), (X,)).save(synthetic)
+    assert main(["plan", factory, "--budget", "0.01", "--table", str(synthetic), *common]) == 2
     assert "smallest feasible budget" in capsys.readouterr().err
 
 
