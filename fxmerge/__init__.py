@@ -16,6 +16,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isfile(
     __path__.append(_root)
 
 from fxmerge.algebra import ConvGeometry
+from fxmerge.artifacts import load, save
 from fxmerge.api import analyze, compress, plan_of, reparameterize
 from fxmerge.errors import (EnvironmentMismatchError, FxMergeError, InvalidArgumentError, InvalidPlanError,
                              MalformedFileError, PlanMismatchError, TraceFailedError, UnsupportedModelError)
@@ -32,7 +33,7 @@ __all__ = [
     "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
     "ImportanceTable", "InfeasibleBudgetError", "InvalidArgumentError", "InvalidPlanError", "MalformedFileError",
     "UnsupportedModelError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
-    "activation_registry", "analyze", "compress", "linearize", "measure_latency", "merge", "plan", "plan_of",
-    "register_activation", "reparameterize", "unregister_activation",
+    "activation_registry", "analyze", "compress", "linearize", "load", "measure_latency", "merge", "plan", "plan_of",
+    "register_activation", "reparameterize", "save", "unregister_activation",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxmerge.passes.analysis import Analysis, BlockLimits, analyze_graph
-from fxmerge.passes.tracing import check_inputs, check_model, input_specs, prepare
+from fxmerge.passes.tracing import check_model, input_specs, prepare
+from fxmerge.validation import check_inputs
 
 if TYPE_CHECKING:
     from fxmerge.plans import Plan
@@ -34,7 +35,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer:
     >>> a.chains[0].length, len(a.chains[0].droppable)
     (52, 34)
     """
-    example_inputs = check_inputs(example_inputs)
+    example_inputs = check_inputs("example_inputs", example_inputs)
     gm = prepare(model, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     return analyze_graph(gm, limits, inputs=input_specs(example_inputs))
 

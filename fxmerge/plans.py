@@ -291,7 +291,7 @@ class Plan:
         if d.get("format") == FORMAT and d.get("version") == 1:
             raise MalformedFileError(f"{source}: a version-1 plan, which predates structure records (plans are now "
                                      "checked against the model's structure). Re-create it with fxmerge.plan.")
-        check_header(d, FORMAT, VERSION, MalformedFileError)
+        check_header(d, FORMAT, VERSION, MalformedFileError, source=source)
         try:
             chains = [ChainPlan.from_dict(c) for c in d["chains"]]
             plan = cls(chains, dict(d.get("info", {})), [dict(x) for x in d["inputs"]])
@@ -309,7 +309,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(read_json(path), source=str(path))
+        return cls.from_dict(read_json(path, "plan"), source=str(path))
 
 
 def validate_chain(c: ChainPlan, index: int) -> None:

@@ -33,7 +33,9 @@ from fxmerge.plans import ChainPlan, Plan
 
 from . import patterns
 from .analysis import analyze_graph, layer_geometry
-from .tracing import check_inputs, inputs_from_specs, prepare, unwrap
+from fxmerge.validation import check_inputs
+
+from .tracing import inputs_from_specs, prepare, unwrap
 
 RECORD = "fxmerge"  # key in GraphModule.meta
 
@@ -115,12 +117,16 @@ def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
                  trace_kwargs: dict) -> fx.GraphModule:
     """The private trace of ``model`` the plan applies to, structure checked."""
     if example_inputs is not None:
-        inputs = check_inputs(example_inputs)
+        gm = prepare(model, check_inputs("example_inputs", example_inputs), **trace_kwargs)
     elif plan.inputs:
-        inputs = inputs_from_specs(plan.inputs, model)
+        try:
+            gm = prepare(model, inputs_from_specs(plan.inputs, model), **trace_kwargs)
+        except InvalidArgumentError as exc:
+            shapes = [spec["shape"] for spec in plan.inputs]
+            raise PlanMismatchError(f"plan built for a different model: this model cannot run inputs of the shapes "
+                                    f"the plan was made at, {shapes} ({exc})") from exc
     else:
         raise InvalidArgumentError("this plan records no input shapes: pass example_inputs=(x,)")
-    gm = prepare(model, inputs, **trace_kwargs)
     plan.check_structure(analyze_graph(gm, blocks=False))
     return gm
 

@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxmerge.errors import FxMergeError, InvalidArgumentError, TraceFailedError, UnsupportedModelError
+from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
+from fxmerge.validation import check_inputs
 
 from . import patterns
 
@@ -40,14 +41,6 @@ _MAX_RETRIES = 64
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     """Example inputs as a tuple (a single tensor is accepted too, as a convenience)."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def check_inputs(example_inputs: Any, name: str = "example_inputs") -> tuple[torch.Tensor, ...]:
-    inputs = as_inputs(example_inputs)
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        kinds = [type(x).__name__ for x in inputs]
-        raise InvalidArgumentError(f"{name} must be a tensor or a tuple of tensors, like torch.export's args; got {kinds}")
-    return inputs
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -376,8 +369,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-        raise FxMergeError(f"running the example inputs {shapes} through the traced model failed: {exc}. "
-                           "Pass inputs the model accepts, as a tuple (like torch.export).") from exc
+        raise InvalidArgumentError(f"running the example inputs {shapes} through the traced model failed: "
+                                   f"{str(exc).splitlines()[0]}. Pass inputs the model accepts, as a tuple "
+                                   "(like torch.export).") from exc
     finally:
         gm.train(was_training)
 
@@ -385,7 +379,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
 def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,
             leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """The private, canonical, shape-annotated GraphModule every pass works on."""
-    example_inputs = check_inputs(example_inputs)
+    example_inputs = check_inputs("example_inputs", example_inputs)
     gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     canonicalize(gm, example_inputs)
     propagate_shapes(gm, example_inputs)

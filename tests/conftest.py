@@ -231,16 +231,6 @@ def _assert_specs_match(analysis: fxmerge.Analysis, plan: fxmerge.Plan, merged: 
                 spec.kernel, spec.stride, spec.dilation, spec.groups), f"{name}: {conv} vs {spec}"
 
 
-def feasible_budget(model: nn.Module, table: "fxmerge.LatencyTable", **kwargs) -> float:
-    """Halfway between the smallest feasible budget and the original's predicted latency, in ms
-    (quick test tables are noisy, so fixed fractions could be infeasible)."""
-    with pytest.raises(fxmerge.InfeasibleBudgetError) as info:
-        fxmerge.plan(model, table, budget_ms=0.0, **kwargs)
-    original = fxmerge.plan(model, table, **kwargs).info["predicted_ms"]["original"]
-    assert info.value.smallest_ms < original
-    return (info.value.smallest_ms + original) / 2
-
-
 def _trace_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in ("tracer", "leaf_modules", "concrete_args")}
 

@@ -61,13 +61,25 @@ def feasible_budget(model, table: fxmerge.LatencyTable, **kwargs) -> float:
 # --------------------------------------------------------------------------- exhaustive search
 
 
+def _score(chain: fxmerge.Chain, kept, bounds, importance: dict | None) -> float | None:
+    """Summed importance of consecutive kept positions: the chain's ends, its kept and forced
+    activations and the border positions that are merge boundaries (kept exact); None where a
+    pair is unscored."""
+    points = [0, *sorted(set(kept) | set(chain.forced) | (set(chain.borders) & set(bounds))), chain.length]
+    pairs = [(chain.index, a, b) for a, b in zip(points[:-1], points[1:])]
+    if importance is None:
+        return float(len(pairs))
+    if all(p in importance for p in pairs):
+        return sum(importance[p] for p in pairs)
+    return None
+
+
 def chain_options(analysis: fxmerge.Analysis, chain: fxmerge.Chain, cost: CostModel,
                   importance: dict | None) -> list[tuple[float, float, tuple, tuple]]:
     """Every valid (kept activations, merge boundaries) of one chain, as
     ``(ms, importance, kept, boundaries)``: kept any subset of the droppable activations,
     boundaries any superset of kept + forced breaks whose segments are valid blocks and that
-    Plan.from_positions accepts; importance the sum over consecutive kept positions (the
-    chain's ends and forced activations always count as kept), None where a pair is unscored."""
+    Plan.from_positions accepts; importance as :func:`_score` (unscored options left out)."""
     acts = cost.activation_ms(chain)
     interior = range(1, chain.length)
     out = []
@@ -75,20 +87,13 @@ def chain_options(analysis: fxmerge.Analysis, chain: fxmerge.Chain, cost: CostMo
         for kept in itertools.combinations(chain.droppable, r):
             fixed = set(kept) | set(chain.breaks)
             free = [p for p in interior if p not in fixed]
-            points = [0, *sorted(set(kept) | set(chain.forced)), chain.length]
-            pairs = [(chain.index, a, b) for a, b in zip(points[:-1], points[1:])]
-            if importance is None:
-                score = float(len(pairs))
-            elif all(p in importance for p in pairs):
-                score = sum(importance[p] for p in pairs)
-            else:
-                continue
             for s in range(len(free) + 1):
                 for extra in itertools.combinations(free, s):
                     bounds = sorted(fixed | set(extra))
                     cuts = [0, *bounds, chain.length]
                     segments = list(zip(cuts[:-1], cuts[1:]))
-                    if not all(seg in chain.valid_blocks for seg in segments):
+                    score = _score(chain, kept, bounds, importance)
+                    if score is None or not all(seg in chain.valid_blocks for seg in segments):
                         continue
                     try:
                         fxmerge.Plan.from_positions(analysis, {chain.index: (kept, bounds)})
@@ -121,9 +126,4 @@ def best_within(totals: tuple[np.ndarray, np.ndarray], budget_ms: float) -> tupl
 
 
 def plan_importance(analysis: fxmerge.Analysis, plan: fxmerge.Plan, importance: dict | None) -> float:
-    total = 0.0
-    for chain, cp in zip(analysis.chains, plan.chains):
-        points = [0, *sorted(set(cp.keep) | set(chain.forced)), chain.length]
-        pairs = [(chain.index, a, b) for a, b in zip(points[:-1], points[1:])]
-        total += len(pairs) if importance is None else sum(importance[p] for p in pairs)
-    return total
+    return sum(_score(chain, cp.keep, cp.boundaries, importance) for chain, cp in zip(analysis.chains, plan.chains))

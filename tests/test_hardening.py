@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from conftest import perturb
+from conftest import finetune_like
 from fxmerge import cli
 from fxmerge.cost import model_key
 from fxmerge.importance import ImportanceTable, sgd_finetune
@@ -652,7 +651,7 @@ def test_saved_artifact_loads_with_weights_only_and_rebuilds_the_compressed_mode
     # the paper's workflow: fine-tuned linearized net, merged, saved, loaded from the original architecture
     plan = fxmerge.plan_of(compressed)
     tuned = fxmerge.linearize(tiny[0], plan)
-    perturb(tuned)
+    finetune_like(tuned, (X,))
     deployed = fxmerge.merge(tuned.eval(), plan).eval()
     artifacts.save(deployed, path)
     with torch.no_grad():

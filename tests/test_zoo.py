@@ -107,7 +107,7 @@ def test_tf_ported_model_needs_no_user_help_and_merges_like_its_twin():
 
 
 def test_timm_activation_modules_are_recognised():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import activations as acts, activations_me as me
 
     kinds = [acts.Swish(), me.HardSwishMe(), acts.HardSigmoid(), acts.GELU(), acts.Mish(), acts.QuickGELU()]
