@@ -56,7 +56,7 @@ def candidate_pairs(analysis: Analysis) -> list[Pair]:
     """The entries estimated by default: one per valid block (i, j] — keep the activations at i
     and j (where there are any), drop those inside, merge the block. Every other pair of kept
     activations gets its score from these by :meth:`ImportanceTable.extend`, as the paper's
-    extended importance does. mobilenet_v2 at 224x224 with the default limits: 248 entries
+    extended importance does. mobilenet_v2 at 224x224 with the default limits: 246 entries
     (the paper measured 315); every pair of its 36 kept-activation candidates would be 630."""
     return [(chain.index, i, j) for chain in analysis.chains for i, j in chain.valid_blocks]
 

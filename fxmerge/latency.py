@@ -15,6 +15,7 @@ resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -336,7 +337,8 @@ def _check_contents(table: LatencyTable) -> None:
     if not set(table.limits) <= known:
         raise InvalidArgumentError(f"limits may hold only {sorted(known)}; got {sorted(table.limits)}")
     for key, value in table.limits.items():
-        check_number(f"limits[{key!r}]", value, minimum=0, strict=True)
+        if value is not None:  # None: that limit is off
+            check_number(f"limits[{key!r}]", value, minimum=0, strict=True)
     for key, state in check_mapping("pending", table.pending).items():
         name = f"pending[{key!r}]"
         check_mapping(name, state)
@@ -363,8 +365,7 @@ def _check_reference(name: str, ref: Any) -> None:
 
 
 def _limits_dict(limits: BlockLimits) -> dict:
-    return {"max_kernel": limits.max_kernel, "max_kernel_ratio": limits.max_kernel_ratio,
-            "max_macs_ratio": limits.max_macs_ratio}
+    return dataclasses.asdict(limits)
 
 
 def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:

@@ -34,15 +34,20 @@ class BlockLimits:
     latency table and the merge down. A block of two or more layers is a candidate only when,
     in every spatial dimension, its merged kernel spans at most ``max_kernel`` pixels and at
     most ``max_kernel_ratio`` times the block's input map, and when the merged conv needs at
-    most ``max_macs_ratio`` times the multiply-adds of the layers it replaces (None turns a
-    limit off). The paper's MobileNetV2 candidate set needs up to 33x the MACs (a 384->576
-    7x7 conv); the default keeps all of it but its four most expensive blocks, and
-    ``BlockLimits(max_macs_ratio=None)`` keeps every one.
+    most ``max_macs_ratio`` times the multiply-adds of the layers it replaces, and has at most
+    ``max_params`` weights (None turns a limit off). The paper's MobileNetV2 candidate set
+    needs up to 33x the MACs (a 384->576 7x7 conv); the default keeps all of it but its four
+    most expensive blocks, and ``BlockLimits(max_macs_ratio=None)`` keeps every one. The weight
+    cap (2^24, about 16.8 M: two thirds of all of ResNet-50's) drops kernels such as ResNet's
+    two-bottleneck 1024->1024 5x5 (26 M weights, 12x the MACs of what it replaces): never a
+    speed-up on any hardware, and seconds to compose and to time. It keeps every block of the
+    paper's MobileNetV2 table that the MACs limit keeps.
     """
 
     max_kernel: int = 15
     max_kernel_ratio: float = 1.5
     max_macs_ratio: float | None = 12.0
+    max_params: int | None = 1 << 24
 
     def allows(self, spec: ConvGeometry, input_shape: Sequence[int] | None, output_shape: Sequence[int] | None,
                replaced_macs: int | None) -> bool:
@@ -55,9 +60,16 @@ class BlockLimits:
                 return False
             if size is not None and extent > self.max_kernel_ratio * size:
                 return False
+        if self.max_params is not None and conv_params(spec) > self.max_params:
+            return False
         if self.max_macs_ratio is not None and output_shape is not None and replaced_macs:
             return conv_macs(spec, output_shape) <= self.max_macs_ratio * replaced_macs
         return True
+
+
+def conv_params(geometry: ConvGeometry) -> int:
+    """Weights of one convolution (bias left out)."""
+    return geometry.out_channels * geometry.in_channels // geometry.groups * math.prod(geometry.kernel)
 
 
 def conv_macs(geometry: ConvGeometry, output_shape: Sequence[int]) -> int:
@@ -201,7 +213,7 @@ class Analysis:
                 f"{sum(len(c.droppable) for c in self.chains)} droppable activations, "
                 f"{sum(len(c.valid_blocks) for c in self.chains)} valid blocks "
                 f"(limits: kernel <= {self.limits.max_kernel} and <= {self.limits.max_kernel_ratio}x input, "
-                f"MACs <= {self.limits.max_macs_ratio}x)")
+                f"MACs <= {self.limits.max_macs_ratio}x, weights <= {self.limits.max_params})")
         legend = ("\n'border': no activation there, but the next conv pads its input; a merge across it moves "
                   "that padding and changes the output near the borders, so only budgeted plans do it "
                   "(priced like dropping an activation).") if any(c.borders for c in self.chains) else ""

@@ -210,31 +210,20 @@ COMPOSE_DTYPE = torch.float64
 
 @torch.no_grad()
 def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> algebra.ConvState:
-    skips = {t: (s, tuple(offset)) for s, t, _, offset in segment["skips"]}
-    states: dict[int, algebra.ConvState] = {}
-    state = None
-
     def tensor(target):
         t = patterns.get_tensor(gm, target)
         return None if t is None else t.detach().to(COMPOSE_DTYPE)
 
-    for p, (conv, _, bn) in enumerate(segment["layers"], start=1):
+    convs = []
+    for conv, _, bn in segment["layers"]:
         call = patterns.conv_call(gm, nodes[conv])[0]
-        weight = tensor(call.weight_target)
-        if state is None:
-            state = algebra.identity_state(call.geometry.in_channels, call.geometry.ndim,
-                                           dtype=weight.dtype, device=weight.device)
-            states[0] = state
-        g, bias = call.geometry, tensor(call.bias_target)
+        weight, bias = tensor(call.weight_target), tensor(call.bias_target)
         if bn is not None:
             bc = patterns.batchnorm_call(gm, nodes[bn])
             weight, bias = algebra.fold_batchnorm(weight, bias, *(tensor(t) for t in (bc.mean, bc.var, bc.weight, bc.bias)), bc.eps)
-        state = algebra.compose(state, weight, bias, g.stride, g.dilation, g.groups)
-        if p in skips:
-            s, offset = skips[p]
-            state = algebra.add_shifted(state, states[s], offset)
-        states[p] = state
-    return state
+        g = call.geometry
+        convs.append(algebra.Conv(weight, bias, g.stride, g.dilation, g.groups))
+    return algebra.compose_run(convs, [(s, t, offset) for s, t, _, offset in segment["skips"]])
 
 
 def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> None:

@@ -306,3 +306,30 @@ def test_custom_activation_registration():
         fxmerge.register_activation("Softsign", modules=[nn.Softsign], functions=[F.softsign])
         assert fxmerge.analyze(model, (x,)).chains[0].length == 2
         check_exact(model, (x,))
+
+
+class StridedThenResidual(nn.Module):
+    """A residual after a strided conv: its identity term sits on a coarser grid of the run."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 6, 3, s=2)
+        self.a, self.b = cbr(6, 12, 1, p=0), cbr(12, 6, 3, act=False)
+        self.head = cbr(6, 4, 3, s=2, act=False)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.b(self.a(y)) + y)
+
+
+@pytest.mark.parametrize("as_unit", [True, False])
+def test_residual_after_a_strided_conv_merges_in_either_order(as_unit):
+    from unittest import mock
+
+    from fxmerge import algebra
+
+    x = torch.randn(2, 3, 17, 19)
+    model = randomize(StridedThenResidual(), calibrate_on=x).eval()
+    with mock.patch.object(algebra, "_unit_is_cheaper", lambda *args: as_unit):
+        res = check_exact(model, (x[:1],), dtype=torch.float64)
+    assert res.plans["drop_all"].num_convs == 1

@@ -6,6 +6,7 @@ import torch
 import torchvision
 
 import fxmerge
+from fxmerge.passes.analysis import conv_macs, conv_params
 from conftest import check_exact, count_convs, randomize
 
 MODELS = {
@@ -77,10 +78,15 @@ def test_mobilenet_v2_candidates_include_the_papers_valid_blocks():
         pytest.skip("shared/ reference tables not beside the checkout")
     paper = [(int(r["st"]) + 1, int(r["end"]) + 1) for r in csv.DictReader(table.open())]  # +1: our stem conv
     model, x = torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 224, 224)
-    full = fxmerge.analyze(model, (x,), limits=fxmerge.BlockLimits(max_macs_ratio=None)).chains[0]
+    full = fxmerge.analyze(model, (x,), limits=fxmerge.BlockLimits(max_macs_ratio=None, max_params=None)).chains[0]
     assert len(paper) == 171 and set(paper) <= set(full.valid_blocks)
     default = fxmerge.analyze(model, (x,)).chains[0]
-    assert len(set(paper) - set(default.valid_blocks)) == 4  # only the >12x-MACs monsters go
+    dropped = set(paper) - set(default.valid_blocks)
+    limits = fxmerge.BlockLimits()
+    monsters = {b for b in paper if b[1] - b[0] > 1 and (conv_params(full.specs[b]) > limits.max_params or conv_macs(
+        full.specs[b], full.layers[b[1] - 1].output_shape) > limits.max_macs_ratio * sum(
+        conv_macs(layer.geometry, layer.output_shape) for layer in full.layers[b[0]:b[1]]))}
+    assert dropped == monsters and len(dropped) == 4  # only the >12x-MACs or >16.8 M-weight monsters go
 
 
 def test_mobilenet_v2_float64_exact():

@@ -82,3 +82,25 @@ def test_random_conv_runs_merge_exactly(run):
         assume(False)
     res = check_exact(model, (x,), dtype=torch.float64)
     assert len(res.analysis.chains[0].skips) == len(residuals)
+
+
+@settings(max_examples=30, deadline=None)
+@given(runs(), st.booleans())
+def test_residual_branches_merge_exactly_in_either_order(run, as_unit):
+    """A residual's branch merged on its own, then composed (cheap for inverted residuals), or
+    composed through in order: the cost model picks one; both must give the same kernel."""
+    from unittest import mock
+
+    from fxmerge import algebra
+
+    specs, residuals, size = run
+    assume(residuals)
+    torch.manual_seed(len(specs) * 11 + size)
+    model = RandomRun(specs, residuals).eval()
+    x = torch.randn(2, CHANNELS, size, size + 1)
+    try:
+        model(x)
+    except RuntimeError:
+        assume(False)
+    with mock.patch.object(algebra, "_unit_is_cheaper", lambda *args: as_unit):
+        check_exact(model, (x,), dtype=torch.float64, finetune=False)
