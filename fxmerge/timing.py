@@ -1,9 +1,8 @@
-"""Timing modules the same way everywhere: latency-table entries and whole models alike.
+"""Timing primitives shared by every backend (see :mod:`fxmerge.backends`).
 
 Median over repeats of the mean time per call, the spread (inter-quartile range) kept; each
 repeat runs enough calls to last ``min_repeat_ms``. CPU uses ``perf_counter``; inputs on a GPU
-are timed with CUDA events. Backends: ``"eager"``, ``"inductor"`` (``torch.compile``, compile
-time excluded) and ``"onnxruntime"`` (with the ``onnx`` extra installed).
+are timed with CUDA events.
 """
 from __future__ import annotations
 
@@ -11,19 +10,14 @@ import contextlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from fxmerge.errors import FxMergeError, InvalidArgumentError
-from fxmerge.validation import check_choice, check_count, check_inputs, check_number
-
-BACKENDS = ("eager", "inductor", "onnxruntime")
-
+from fxmerge.validation import check_count, check_number
 
 @dataclass(frozen=True)
 class Timing:
@@ -71,42 +65,6 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def runner(module: nn.Module, inputs: Sequence[torch.Tensor], backend: str) -> Callable[[], object]:
-    """A no-argument callable running ``module(*inputs)`` on ``backend`` (compiled/exported
-    once here, so that cost never reaches the timings). It leaves ``module`` as it is: build and
-    call it inside :func:`evaluating` to time the module in eval mode."""
-    if backend == "eager":
-        return lambda: module(*inputs)
-    if backend == "inductor":
-        # A GraphModule of its own gives each module its own code object; otherwise every
-        # nn.Conv2d shares Conv2d.forward and dynamo stops compiling after a few shapes.
-        if not isinstance(module, torch.fx.GraphModule):
-            module = torch.fx.symbolic_trace(module)
-        compiled = torch.compile(module, backend="inductor", dynamic=False)
-        with torch.inference_mode():
-            compiled(*inputs)
-        return lambda: compiled(*inputs)
-    if backend == "onnxruntime":
-        return _onnx_runner(module, inputs)
-    check_choice("backend", backend, BACKENDS)
-    raise AssertionError(f"backend {backend!r} is listed in BACKENDS but has no runner")
-
-
-def _onnx_runner(module: nn.Module, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise FxMergeError("the onnxruntime backend needs the extra: pip install 'fxmerge[onnx]'") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory() as tmp:  # the session reads weights stored beside the graph
-        path = f"{tmp}/module.onnx"
-        torch.onnx.export(module, tuple(inputs), path, dynamo=True, verbose=False)
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feeds)
-
-
 def calibrate(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_repeat_ms: float = 10.0,
               warmup_ms: float = 0.0) -> int:
     """Warm ``fn`` up (``warmup`` calls and at least ``warmup_ms``) and return how many calls
@@ -147,44 +105,9 @@ def sample(fn: Callable[[], object], device: torch.device, calls: int, repeats: 
     return out
 
 
-def measure_latency(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
-                    rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0, warmup_ms: float = 500.0) -> Timing:
-    """End-to-end latency of ``module`` timed as latency-table entries are (device, dtype and
-    batch follow ``example_inputs``): median over ``repeats`` samples taken in ``rounds``.
-    ``module`` is timed in eval mode and left in the mode it was in."""
-    return compare_latency({"model": module}, example_inputs, backend=backend, rounds=rounds, repeats=repeats,
-                           min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)["model"]
-
-
-def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[torch.Tensor], *,
-                    backend: str = "eager", rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0,
-                    warmup_ms: float = 500.0) -> dict[str, Timing]:
-    """Time several modules interleaved: each round samples every module in turn, so a machine
-    whose speed drifts (shared hosts do, by tens of percent over tens of seconds) shifts them
-    all alike and their ratios stay honest. The modules are timed in eval mode and left in the
-    mode they were in."""
-    check_timing_settings(backend=backend, rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms,
-                          warmup_ms=warmup_ms)
-    if not isinstance(modules, Mapping) or not modules or not all(isinstance(m, nn.Module) for m in modules.values()):
-        raise InvalidArgumentError("modules must be a non-empty mapping name -> nn.Module, e.g. {'model': model}; "
-                                   f"got {type(modules).__name__}")
-    example_inputs = check_inputs("example_inputs", example_inputs)
-    device = example_inputs[0].device
-    with evaluating(*modules.values()):
-        fns = {name: runner(m, example_inputs, backend) for name, m in modules.items()}
-        calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms) for name, fn in fns.items()}
-        per_round = max(1, -(-repeats // rounds))
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                samples[name] += sample(fn, device, calls[name], per_round)
-    return {name: Timing.from_samples(samples[name], calls[name]) for name in fns}
-
-
 def check_timing_settings(**settings: Any) -> None:
     """The timing arguments shared by measure_latency, compare_latency and LatencyTable."""
     checks = {
-        "backend": lambda v: check_choice("backend", v, BACKENDS),
         "rounds": lambda v: check_count("rounds", v, hint="interleaved passes over everything timed"),
         "repeats": lambda v: check_count("repeats", v, hint="samples per entry, e.g. 9"),
         "warmup": lambda v: check_count("warmup", v, minimum=0, hint="untimed calls before timing"),
