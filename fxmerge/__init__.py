@@ -22,18 +22,19 @@ from fxmerge.errors import (EnvironmentMismatchError, FxMergeError, InvalidArgum
                              MalformedFileError, PlanMismatchError, TraceFailedError, UnsupportedModelError)
 from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable, MissingLatencyError
-from fxmerge.planning import InfeasibleBudgetError, plan
-from fxmerge.timing import measure_latency
+from fxmerge.planning import InfeasibleBudgetError, frontier, plan
+from fxmerge.backends import BACKENDS, Backend, measure_latency, register_backend
+from fxmerge.calibration import VerificationError
 from fxmerge.passes.analysis import Analysis, BlockLimits, Chain
 from fxmerge.passes.patterns import activation_registry, register_activation, unregister_activation
 from fxmerge.passes.rewrite import linearize, merge
 from fxmerge.plans import ChainPlan, Plan
 
 __all__ = [
-    "Analysis", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
+    "Analysis", "BACKENDS", "Backend", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
     "ImportanceTable", "InfeasibleBudgetError", "InvalidArgumentError", "InvalidPlanError", "MalformedFileError",
-    "UnsupportedModelError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
-    "activation_registry", "analyze", "compress", "linearize", "load", "measure_latency", "merge", "plan", "plan_of",
-    "register_activation", "reparameterize", "save", "unregister_activation",
+    "UnsupportedModelError", "VerificationError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
+    "activation_registry", "analyze", "compress", "frontier", "linearize", "load", "measure_latency", "merge", "plan", "plan_of",
+    "register_activation", "register_backend", "reparameterize", "save", "unregister_activation",
 ]
 __version__ = "0.1.0"

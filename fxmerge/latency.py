@@ -6,12 +6,14 @@
 >>> table.save("mbv2-cpu.json")                                                  # doctest: +SKIP
 
 Every distinct merged-conv spec of every valid block is timed once, at the real input shape of
-its block, as the module merge would emit; so is the explicit add of each residual, and each
-droppable activation right after its conv (a backend that fuses the two is charged only what
-the activation adds). The whole BatchNorm-folded model is timed too, which calibrates the
-constant rest of the network and the per-op overhead. Saved as versioned JSON (never pickle)
-with an environment fingerprint; a measurement with ``path=`` saves its samples as it goes and
-resumes where it stopped.
+its block, as the module merge would emit and as the backend runs it inside a model (see
+:mod:`fxmerge.backends`); so is the explicit add of each residual, and each droppable
+activation right after its conv (a backend that fuses the two is charged only what the
+activation adds). A few whole plans are timed end to end too, interleaved with the
+BatchNorm-folded original (:mod:`fxmerge.calibration`): these references fix the constant rest
+of the network and the per-op overhead. Saved as versioned JSON (never pickle) with an
+environment fingerprint; a measurement with ``path=`` saves as it goes and resumes where it
+stopped.
 """
 from __future__ import annotations
 
@@ -26,21 +28,18 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from fxmerge.api import analyze
+from fxmerge.backends import BACKENDS, Eager, TimingSettings, get_backend
 from fxmerge.convs import conv_for_geometry
-from fxmerge.cost import CostModel, add_key, conv_key, model_key
+from fxmerge.cost import CostModel, Correction, add_key, conv_key, model_key
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.patterns import registered_activations
-from fxmerge.passes.rewrite import merge
-from fxmerge.plans import Plan
-from fxmerge.timing import (BACKENDS, Progress, Timing, calibrate, check_timing_settings, compare_latency, device_name,
-                            evaluating, runner, sample)
+from fxmerge.timing import Progress, Timing, device_name
 from fxmerge.validation import (check_choice, check_count, check_inputs, check_mapping, check_number, check_shape,
                                 check_torch_dtype)
 
-FORMAT, VERSION = "fxmerge.latency", 1
-_REFERENCE = "model (BatchNorm folded)"  # the end-to-end reference among the entries
+FORMAT, VERSION = "fxmerge.latency", 2
 # What the numbers mean depends on these: a table measured with another value is refused.
 # A different torch version or thread count only makes them less accurate: a warning.
 MUST_MATCH, SHOULD_MATCH = ("backend", "dtype", "device"), ("torch", "threads")
@@ -72,6 +71,7 @@ class LatencyTable:
         self.references = dict(references or {})  # model key -> end-to-end reference
         self.limits = dict(limits or {})
         self.pending = dict(pending or {})  # samples of an unfinished measurement
+        self.path: str | os.PathLike | None = None  # where measure/load found it: verify saves there
         _check_contents(self)
 
     # ---------------------------------------------------------------- measuring
@@ -80,22 +80,27 @@ class LatencyTable:
     def measure(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
                 limits: BlockLimits | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
                 repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
-                **trace_kwargs: Any) -> "LatencyTable":
+                references: bool = True, **trace_kwargs: Any) -> "LatencyTable":
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
-        follow them). With ``path``, finished entries are saved as they come and an existing
-        file there is resumed."""
+        follow them) as ``backend`` runs it, and (``references=True``) time a few whole plans
+        end to end to calibrate the rest and the per-op overhead. With ``path``, finished
+        entries are saved as they come and an existing file there is resumed; later
+        verifications save their observations there too."""
         example_inputs = check_inputs("example_inputs", example_inputs)
-        check_timing_settings(backend=backend, warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, rounds=rounds)
+        TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
+        get_backend(backend)
         _check_folder(path)
         table = cls(fingerprint=environment(example_inputs, backend))
         if path is not None and Path(path).exists():
             resumed = cls.load(path)
             resumed.check_environment(example_inputs, backend=backend, source=path)
             table = table | resumed
+        table.path = path
         analysis = analyze(model, example_inputs, limits=limits, **trace_kwargs)
         table.limits = _limits_dict(analysis.limits)
         table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup, repeats=repeats,
-                              min_repeat_ms=min_repeat_ms, rounds=rounds, progress=progress, **trace_kwargs)
+                              min_repeat_ms=min_repeat_ms, rounds=rounds, progress=progress, reference=references,
+                              **trace_kwargs)
         return table
 
     def measure_missing(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
@@ -103,91 +108,67 @@ class LatencyTable:
                         repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
                         reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
         """Measure the terms ``model`` needs that the table lacks (and its end-to-end
-        reference, unless ``reference=False``); returns ``self``. With ``path``, progress is
+        references, unless ``reference=False``); returns ``self``. With ``path``, progress is
         saved there; a complete table writes nothing (so a cached table in a read-only folder
         serves)."""
         example_inputs = check_inputs("example_inputs", example_inputs)
-        check_timing_settings(warmup=warmup, repeats=repeats, min_repeat_ms=min_repeat_ms, rounds=rounds)
+        settings = TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
         _check_folder(path)
-        backend = self.fingerprint.setdefault("backend", "eager")
+        backend = get_backend(self.fingerprint.setdefault("backend", "eager"))
         self.check_environment(example_inputs)
         if analysis is None:
             analysis = analyze(model, example_inputs, limits=self.block_limits(), **trace_kwargs)
         x = example_inputs[0]
         builders = _builders(analysis, x.dtype, x.device)
-        todo = [k for k in sorted(builders) if k not in self.entries]
-        mkey = model_key(analysis)
-        if reference and mkey not in self.references:
-            # The whole BatchNorm-folded model is timed among the entries, so the constant rest
-            # of the network is calibrated against the same machine state as they are.
-            folded = merge(model, Plan.fold_only(analysis), **trace_kwargs)
-            builders[_REFERENCE] = lambda: (folded, example_inputs)
-            todo.append(_REFERENCE)
-        # Eager entries are timed in `rounds` interleaved passes over all of them, so that the
-        # machine drifting during a long measurement skews no group of entries; compiled
-        # backends pay their compile once, in one pass. Unfinished samples are saved too, so an
-        # interrupted measurement resumes where it stopped.
-        rounds = rounds if backend == "eager" else 1
-        per_round = max(1, -(-repeats // rounds))
-        bar = Progress(len(todo) * rounds, "fxmerge: timing specs", progress)
-        for r in range(rounds):
-            for key in todo:
-                state = self.pending.setdefault(key, {"samples": [], "calls": 0, "rounds": 0})
-                if state["rounds"] <= r:
-                    module, inputs = builders[key]()
-                    with evaluating(module):
-                        fn = runner(module, inputs, backend)
-                        calls = calibrate(fn, x.device, warmup=1 if state["calls"] else warmup,
-                                          min_repeat_ms=min_repeat_ms,
-                                          warmup_ms=300.0 if key == _REFERENCE and r == 0 else 0.0)
-                        state["calls"] = state["calls"] or calls
-                        state["samples"] += sample(fn, x.device, state["calls"], per_round)
-                    state["rounds"] += 1
-                    if path is not None:
-                        self.save(path)
-                bar.step()
-        for key in todo:
-            state = self.pending.pop(key)
-            timing = Timing.from_samples(state["samples"], state["calls"])
-            if key == _REFERENCE:
-                self.references[mkey] = self._calibrate(model, example_inputs, analysis, timing.ms, **trace_kwargs)
-            else:
-                self.entries[key] = timing.to_dict()
-        if path is not None and todo:  # nothing measured, nothing to write
-            self.save(path)
+        todo = {k: builders[k] for k in sorted(builders) if k not in self.entries}
+        changed = bool(todo)
+
+        def done(key: str, timing: Timing) -> None:
+            self.entries[key] = timing.to_dict()
+
+        def checkpoint() -> None:
+            if path is not None:
+                self.save(path)
+
+        if todo:
+            units = len(todo) * (settings.rounds if isinstance(backend, Eager) else 1)
+            bar = Progress(units, f"fxmerge: timing {len(todo)} table entries ({backend.name})", progress)
+            backend.time_units(todo, settings, state=self.pending, done=done, checkpoint=checkpoint, progress=bar)
+        if reference and model_key(analysis) not in self.references:
+            from fxmerge.calibration import measure_references  # plans are built above the table
+
+            measure_references(self, model, example_inputs, analysis, **trace_kwargs)
+            changed = True
+        if changed:  # nothing measured, nothing to write
+            checkpoint()
         return self
 
-    def _calibrate(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], analysis: Analysis,
-                   original_ms: float, **trace_kwargs: Any) -> dict:
-        """The constant rest and the per-op overhead of the cost model, from two end-to-end
-        references: the BatchNorm-folded model (timed among the entries) and a probe plan with
-        far fewer ops, whose ratio to the first is timed interleaved (drift cancels)."""
-        from fxmerge.planning import probe_plan  # planning builds on this module
-
-        cost = CostModel(analysis, self.ms)
-        folded = Plan.fold_only(analysis)
-        resid_fold, ops_fold = original_ms - cost.terms_ms(folded), cost.op_count(folded)
-        overhead = 0.0
-        probe = probe_plan(analysis, cost)
-        if probe is not None and cost.op_count(probe) < ops_fold:
-            backend = self.fingerprint.get("backend", "eager")
-            t = compare_latency({"folded": merge(model, folded, **trace_kwargs), "probe": merge(model, probe, **trace_kwargs)},
-                                example_inputs, backend=backend, rounds=3, repeats=9)
-            probe_ms = original_ms * t["probe"].ms / t["folded"].ms
-            overhead = max(0.0, (resid_fold - (probe_ms - cost.terms_ms(probe))) / (ops_fold - cost.op_count(probe)))
-            overhead = min(overhead, max(resid_fold, 0.0) / ops_fold)  # the rest cannot be negative
-        # A negative rest (isolated terms summing to more than the whole model, seen with very
-        # short timings) would let budgets below zero look feasible: clamp it.
-        return {"original_ms": original_ms, "rest_ms": max(0.0, resid_fold - overhead * ops_fold), "overhead_ms": overhead,
-                "inputs": [list(t.shape) for t in example_inputs]}
-
-    def overhead_ms(self, analysis: Analysis) -> float:
-        """Per-op overhead: this model's reference, else the mean of the table's references."""
+    def correction(self, analysis: Analysis) -> Correction:
+        """The scale, rest and per-op overhead fitted to this model's end-to-end observations;
+        for a model the table has none of, no rest and the mean overhead and scale of the
+        others."""
         ref = self.reference(analysis)
         if ref is not None:
-            return ref.get("overhead_ms", 0.0)
-        values = [r.get("overhead_ms", 0.0) for r in self.references.values()]
-        return sum(values) / len(values) if values else 0.0
+            return _fit(ref)
+        fits = [_fit(r) for r in self.references.values()]
+        if not fits:
+            return Correction()
+        return Correction(0.0, sum(f.overhead_ms for f in fits) / len(fits), sum(f.scale for f in fits) / len(fits))
+
+    def observe(self, analysis: Analysis, inputs: Sequence[torch.Tensor], original_ms: float,
+                observations: Sequence[dict]) -> None:
+        """Record end-to-end observations of plans of the model ``analysis`` describes: each
+        ``{"plan", "kind", "terms_ms", "ops", "ratio"}``, ``ratio`` its measured latency over
+        the folded original's in the same interleaved run (``original_ms`` is that
+        original's, kept from the first observation: ratios stay comparable across runs)."""
+        ref = self.references.setdefault(model_key(analysis), {
+            "inputs": [list(t.shape) for t in inputs], "original_ms": float(original_ms), "observations": []})
+        ref["observations"] += [dict(o) for o in observations]
+        _check_reference("references[...]", ref)
+
+    @property
+    def backend(self) -> str:
+        return self.fingerprint.get("backend", "eager")
 
     # ---------------------------------------------------------------- lookups
 
@@ -272,6 +253,10 @@ class LatencyTable:
     def from_dict(cls, d: dict, *, source: str | os.PathLike | None = None) -> "LatencyTable":
         """The table ``to_dict`` gave; :class:`MalformedFileError` (naming ``source``, the file,
         and the entry) for a wrong header or entries of the wrong type or sign."""
+        if isinstance(d, dict) and d.get("format") == FORMAT and d.get("version") == 1:
+            where = f"{source}: " if source is not None else ""
+            raise MalformedFileError(f"{where}a version-1 latency table, whose references predate end-to-end observations; "
+                                     "measure it again (fxmerge table --fresh, or LatencyTable.measure)")
         check_header(d, FORMAT, VERSION, source=source)
         try:
             check_mapping("entries", d.get("entries"))
@@ -285,7 +270,9 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
-        return cls.from_dict(read_json(path, "latency table"), source=path)
+        table = cls.from_dict(read_json(path, "latency table"), source=path)
+        table.path = path
+        return table
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -317,7 +304,7 @@ def _check_contents(table: LatencyTable) -> None:
     check_mapping("fingerprint", table.fingerprint)
     fp = table.fingerprint
     if "backend" in fp:
-        check_choice("fingerprint['backend']", fp["backend"], BACKENDS)
+        check_choice("fingerprint['backend']", fp["backend"], tuple(BACKENDS))
     if "dtype" in fp:
         check_torch_dtype("fingerprint['dtype']", fp["dtype"])
     if "threads" in fp:
@@ -352,16 +339,31 @@ def _check_contents(table: LatencyTable) -> None:
 
 
 def _check_reference(name: str, ref: Any) -> None:
-    """An end-to-end reference: its times are finite and >= 0 (a negative rest would make
-    plans with negative predicted latency)."""
+    """An end-to-end reference: the measured original (finite, > 0), the input shapes, and
+    observations with finite, non-negative terms and ratios (a negative one would let plans
+    predict below zero)."""
     check_mapping(name, ref)
-    for field in ("original_ms", "rest_ms", "overhead_ms"):
-        check_number(f"{name}[{field!r}]", ref.get(field), minimum=0, hint="milliseconds; re-measure the table")
+    check_number(f"{name}['original_ms']", ref.get("original_ms"), minimum=0, strict=True,
+                 hint="milliseconds; re-measure the table")
     inputs = ref.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgumentError(f"{name}['inputs'] must be a list of input shapes; got {inputs!r}")
     for k, shape in enumerate(inputs):
         check_shape(f"{name}['inputs'][{k}]", shape)
+    observations = ref.get("observations")
+    if not isinstance(observations, list) or not observations:
+        raise InvalidArgumentError(f"{name}['observations'] must be a non-empty list; got {observations!r}")
+    for k, obs in enumerate(observations):
+        where = f"{name}['observations'][{k}]"
+        check_mapping(where, obs)
+        check_number(f"{where}['terms_ms']", obs.get("terms_ms"), minimum=0, hint="milliseconds")
+        check_count(f"{where}['ops']", obs.get("ops"), minimum=0)
+        check_number(f"{where}['ratio']", obs.get("ratio"), minimum=0, strict=True, hint="measured / original")
+
+
+def _fit(reference: dict) -> Correction:
+    return Correction.fit([(o["terms_ms"], o["ops"], o["ratio"] * reference["original_ms"])
+                           for o in reference["observations"]])
 
 
 def _limits_dict(limits: BlockLimits) -> dict:

@@ -1,5 +1,7 @@
 """From a measured latency table (and importance, where the user has it) to a :class:`Plan`:
-one exact DP over all chains of the model, concatenated with forced breaks between them."""
+one exact DP over all chains of the model, concatenated with forced breaks between them; the
+whole Pareto frontier from one solve; and, with ``verify=True``, plans measured on the table's
+backend and corrected until they meet the budget (:mod:`fxmerge.calibration`)."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +12,15 @@ import torch
 import torch.nn as nn
 
 from fxmerge.api import analyze
+from fxmerge.backends import BACKENDS
 from fxmerge.cost import CostModel
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError
 from fxmerge.latency import LatencyTable
 from fxmerge.passes import dp
 from fxmerge.passes.analysis import Analysis, Chain
-from fxmerge.plans import Plan, cheapest_cover
-from fxmerge.timing import BACKENDS
-from fxmerge.validation import check_budget, check_choice, check_importance, check_inputs, check_resolution
+from fxmerge.plans import Plan
+from fxmerge.validation import (check_budget, check_choice, check_count, check_importance, check_inputs,
+                                check_resolution)
 
 log = logging.getLogger("fxmerge")
 
@@ -77,62 +80,180 @@ def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | N
     return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs)
 
 
+class _Planner:
+    """One model, one table, one importance: the DP's inputs, built once, and its answers."""
+
+    def __init__(self, table: LatencyTable, analysis: Analysis, importance: Any, resolution: float | None):
+        self.table, self.analysis, self.importance, self.resolution = table, analysis, importance, resolution
+        self.cost = CostModel(analysis, table.ms, table.correction(analysis))
+        self.reference = table.reference(analysis)
+        self.rest = self.cost.correction.rest_ms
+        self.predicted_original = self.cost.predict_ms(Plan.fold_only(analysis))
+        # budgets are fractions of the *measured* folded original where the table has it
+        self.original_ms = self.reference["original_ms"] if self.reference else self.predicted_original
+        self._problem: _Concatenated | None = None
+
+    @property
+    def problem(self) -> "_Concatenated":
+        if self._problem is None:
+            self._problem = _concatenate(self.analysis, self.cost, self.importance)
+            _check_coverable(self.analysis, self._problem)
+        return self._problem
+
+    def select(self, target_ms: float) -> Plan:
+        chosen = _select(self.analysis, self.problem, target_ms - self.rest, self.rest, self.resolution)
+        return self.finish(chosen, target_ms)
+
+    def keep_all(self) -> Plan:
+        return self.finish(self.cost.merge_where_faster(keep="all"), None)
+
+    def frontier(self, max_ms: float | None) -> list[Plan]:
+        points = dp.frontier(self.problem.times, self.problem.importance, self.problem.length,
+                             candidates=self.problem.candidates, position_costs=self.problem.position_costs,
+                             resolution=self.resolution, max_budget=None if max_ms is None else max_ms - self.rest)
+        return [self.finish(_to_plan(self.analysis, self.problem, sel), None) for sel in points]
+
+    def finish(self, chosen: Plan, target_ms: float | None) -> Plan:
+        chosen.info.update(_report(self.analysis, self.cost, chosen, self.rest, self.predicted_original,
+                                   self.reference is not None, target_ms))
+        chosen.info["original_ms"] = self.original_ms
+        chosen.info["backend"] = self.table.backend
+        return chosen
+
+
 def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None = None,
          budget_ms: float | None = None, importance: Importance | None = None,
          example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
          measure_missing: bool = False, analysis: Analysis | None = None, backend: str | None = None,
-         **trace_kwargs: Any) -> Plan:
+         verify: bool = False, verify_rounds: int = 3, **trace_kwargs: Any) -> Plan:
     """Choose which activations to keep and where to merge, exactly, under a latency budget.
 
-    ``budget`` is a fraction of the BatchNorm-folded original's predicted latency, ``budget_ms``
-    an absolute one. Without a budget every activation stays and blocks merge only where the
-    table says merging is faster. ``importance`` (an :class:`~fxmerge.ImportanceTable`, or a
-    mapping ``(chain, i, j) -> score``) scores keeping the activations at positions i and j of a
-    chain with every one between them dropped (pairs it lacks may not be chosen); without it
-    every kept activation is worth 1. ``example_inputs`` defaults to random inputs of the shapes
-    the table was measured with. ``resolution`` is the DP's cost grid in ms (default: the
-    budget / 1000). ``backend``, when given, is the backend the plan is for: a table measured
-    for another one is refused, as is one measured for another dtype or device than
-    ``example_inputs``.
+    ``budget`` is a fraction of the BatchNorm-folded original's latency *as measured* on the
+    table's backend (its end-to-end reference; the predicted one where the table has no
+    reference for this model), ``budget_ms`` an absolute one. Without a budget every activation
+    stays and blocks merge only where the table says merging is faster (exact merges only).
+    ``importance`` (an :class:`~fxmerge.ImportanceTable`, or a mapping ``(chain, i, j) ->
+    score``) scores keeping the activations at positions i and j of a chain with every one
+    between them dropped (pairs it lacks may not be chosen); without it every kept position is
+    worth 1. ``example_inputs`` defaults to random inputs of the shapes the table was measured
+    with. ``resolution`` is the DP's cost grid in ms (default: the budget / 1000). ``backend``,
+    when given, is the backend the plan is for: a table measured for another one is refused,
+    as is one measured for another dtype or device than ``example_inputs``.
 
-    The plan records the predicted latencies (``plan.info``) and prints as a report.
+    ``verify=True`` builds the compressed model and times it interleaved with the folded
+    original on the table's backend; when it misses the budget the observation corrects the
+    cost model (kept in the table, and saved where the table was measured or loaded) and it
+    plans again, for at most ``verify_rounds`` rounds (:func:`fxmerge.calibration.verify`).
+
+    The plan records the predicted latencies (``plan.info``; with ``verify``, every round's
+    prediction and measurement in ``plan.info["verify"]``) and prints as a report.
     """
     budget, budget_ms = _check_budgets(budget, budget_ms)
+    check_count("verify_rounds", verify_rounds, hint="plan-measure-correct rounds, e.g. 3")
+    planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
+                                                 measure_missing, analysis, backend, trace_kwargs)
+    if budget is None and budget_ms is None:
+        chosen = planner.keep_all()
+        if verify:
+            from fxmerge.calibration import observe_plans  # measuring plans lives above the planner
+
+            ratio = observe_plans(latency_table, model, example_inputs, analysis, {"plan": chosen}, kind="verify",
+                                  **trace_kwargs)["plan"]
+            chosen.info["verify"] = [{"round": 1, "predicted_ms": planner.cost.predict_ms(chosen),
+                                      "measured_ms": ratio * planner.original_ms, "ratio": ratio}]
+        return chosen
+    if importance is None:
+        log.info("fxmerge: no importance given, every kept activation counts 1; real importance needs data "
+                 "(ImportanceTable)")
+    target = budget * planner.original_ms if budget is not None else budget_ms
+    if not verify:
+        return planner.select(target)
+    if planner.reference is None:
+        raise InvalidArgumentError("verify=True needs the table's end-to-end reference for this model: measure it "
+                                   "with table.measure_missing(model, example_inputs)")
+    from fxmerge.calibration import verify as verified  # measuring plans lives above the planner
+
+    def fresh() -> _Planner:  # the correction re-fits on every observation a round adds
+        return _Planner(latency_table, analysis, planner.importance, resolution)
+
+    return verified(lambda aim: fresh().select(aim), lambda p: fresh().cost.predict_ms(p), latency_table, model,
+                    example_inputs, analysis, target, rounds=verify_rounds, **trace_kwargs)
+
+
+def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importance | None = None, *,
+             example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
+             max_budget: float | None = None, points: int | None = None, verify: bool = False,
+             analysis: Analysis | None = None, backend: str | None = None, **trace_kwargs: Any) -> list[Plan]:
+    """The Pareto set of plans — for every latency, the most important plan that fits —
+    fastest first, from one DP solve. Each plan's ``info`` holds its predicted latency (and
+    ``budget_ratio``: predicted over the original). ``max_budget`` (a fraction of the
+    original) bounds the slowest point (default: the most important plan); ``points`` keeps
+    that many, evenly spread in predicted latency. ``verify=True`` times the returned points
+    interleaved with the folded original on the table's backend (``info["measured_ms"]``,
+    ``info["measured_ratio"]``) and keeps them as observations; it needs ``points`` (each
+    point is a model to build and, on compiled backends, to compile).
+    """
+    if max_budget is not None:
+        max_budget = check_budget("max_budget", max_budget, "a fraction of the original's latency, e.g. 1.0")
+    if points is not None:
+        check_count("points", points, minimum=2, hint="how many frontier plans to return")
+    if verify and points is None:
+        raise InvalidArgumentError("frontier(verify=True) measures every returned plan: give points=N (e.g. 6)")
+    planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
+                                                 False, analysis, backend, trace_kwargs)
+    plans = planner.frontier(None if max_budget is None else max_budget * planner.original_ms)
+    if points is not None and len(plans) > points:
+        plans = _spread(plans, points)
+    for p in plans:
+        p.info["budget_ratio"] = p.info["predicted_ms"]["planned"] / planner.original_ms
+    if verify:
+        from fxmerge.calibration import observe_plans, save_observations
+
+        ratios = observe_plans(latency_table, model, example_inputs, analysis, {p.fingerprint(): p for p in plans},
+                               kind="frontier", **trace_kwargs)
+        for p in plans:
+            p.info["measured_ratio"] = ratios[p.fingerprint()]
+            p.info["measured_ms"] = ratios[p.fingerprint()] * planner.original_ms
+        save_observations(latency_table)
+    return plans
+
+
+def _spread(plans: list[Plan], count: int) -> list[Plan]:
+    """``count`` plans evenly spread in predicted latency, the fastest and slowest included."""
+    lat = [p.info["predicted_ms"]["planned"] for p in plans]
+    picked = []
+    for k in range(count):
+        goal = lat[0] + (lat[-1] - lat[0]) * k / (count - 1)
+        best = min(range(len(plans)), key=lambda i: abs(lat[i] - goal))
+        if best not in picked:
+            picked.append(best)
+    return [plans[i] for i in sorted(picked)]
+
+
+def _planner(model, table, importance, example_inputs, resolution, measure_missing, analysis, backend,
+             trace_kwargs) -> tuple[_Planner, Analysis, tuple]:
+    """Arguments checked, the model analysed, the table completed if asked, importance
+    extended: the planner for this call."""
     importance = check_importance(importance)
     resolution = check_resolution(resolution)
-    if not isinstance(latency_table, LatencyTable):
+    if not isinstance(table, LatencyTable):
         raise InvalidArgumentError(f"latency_table must be a fxmerge.LatencyTable (LatencyTable.load(path) reads a "
-                                   f"saved one); got {type(latency_table).__name__}")
+                                   f"saved one); got {type(table).__name__}")
     if backend is not None:
-        check_choice("backend", backend, BACKENDS)
+        check_choice("backend", backend, tuple(BACKENDS))
     given = example_inputs is not None
-    example_inputs = check_inputs("example_inputs", example_inputs) if given else _example_inputs(latency_table)
+    example_inputs = check_inputs("example_inputs", example_inputs) if given else _example_inputs(table)
     # Inputs made up from the table match its dtype by construction; their device is not its.
-    latency_table.check_environment(example_inputs if given else None, backend=backend)
+    table.check_environment(example_inputs if given else None, backend=backend)
     if analysis is None:
-        analysis = analyze(model, example_inputs, limits=latency_table.block_limits(), **trace_kwargs)
+        analysis = analyze(model, example_inputs, limits=table.block_limits(), **trace_kwargs)
     if measure_missing:
-        latency_table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
-    latency_table.require(analysis)
-    cost = CostModel(analysis, latency_table.ms, latency_table.overhead_ms(analysis))
-    reference = latency_table.reference(analysis)
-    rest = reference["rest_ms"] if reference else 0.0
-    original = rest + cost.terms_ms(Plan.fold_only(analysis))
-    if budget is None and budget_ms is None:
-        chosen, target = _keep_all_merge_where_faster(analysis, cost), None
-    else:
-        if importance is None:
-            log.info("fxmerge: no importance given, every kept activation counts 1; "
-                     "real importance needs data (ImportanceTable)")
-        elif hasattr(importance, "extend"):  # an ImportanceTable: extend its entries to every pair
-            _check_importance_model(importance, analysis)
-            importance = importance.extend(analysis)
-        target = budget * original if budget is not None else budget_ms
-        problem = _concatenate(analysis, cost, importance)
-        _check_coverable(analysis, problem)
-        chosen = _select(analysis, problem, target - rest, rest, resolution)
-    chosen.info.update(_report(analysis, cost, chosen, rest, original, reference is not None, target))
-    return chosen
+        table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
+    table.require(analysis)
+    if importance is not None and hasattr(importance, "extend"):  # an ImportanceTable: extend to every pair
+        _check_importance_model(importance, analysis)
+        importance = importance.extend(analysis)
+    return _Planner(table, analysis, importance, resolution), analysis, example_inputs
 
 
 def _check_budgets(budget: Any, budget_ms: Any) -> tuple[float | None, float | None]:
@@ -179,21 +300,13 @@ def _check_coverable(analysis: Analysis, problem: _Concatenated) -> None:
 
 
 def _example_inputs(table: LatencyTable) -> tuple[torch.Tensor, ...]:
-    shapes = [r["inputs"] for r in table.references.values()]
+    shapes = {str(r["inputs"]): r["inputs"] for r in table.references.values()}
+    shapes = list(shapes.values())
     if len(shapes) != 1:
         raise InvalidArgumentError(f"pass example_inputs=...: the latency table holds {len(shapes)} reference input "
                                    "shapes, not one, so the model's input shape is not known")
     dtype = getattr(torch, table.fingerprint.get("dtype", "float32"))
     return tuple(torch.randn(s, dtype=dtype) for s in shapes[0])
-
-
-def _keep_all_merge_where_faster(analysis: Analysis, cost: CostModel) -> Plan:
-    choice = {}
-    for chain in analysis.chains:
-        times = {(i, j): cost.block_ms(chain, i, j) for i, j in chain.valid_blocks}
-        fixed = [*chain.droppable, *chain.breaks, *chain.borders]  # exact merges only
-        choice[chain.index] = (chain.droppable, cheapest_cover(chain, fixed, times))
-    return Plan.from_positions(analysis, choice)
 
 
 def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: float, resolution: float | None) -> Plan:
@@ -207,11 +320,17 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
             f"(predicted end-to-end). Raise the budget.{_hint(analysis, problem, smallest, rest)}", smallest) from None
     except dp.InvalidInput as exc:  # what the argument checks above did not already refuse
         raise InvalidArgumentError(str(exc)) from None
+    return _to_plan(analysis, problem, sel)
+
+
+def _to_plan(analysis: Analysis, problem: _Concatenated, sel: dp.Selection) -> Plan:
     choice = {}
     for chain in analysis.chains:
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
         choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
-    return Plan.from_positions(analysis, choice)
+    chosen = Plan.from_positions(analysis, choice)
+    chosen.info["importance"] = sel.importance  # the DP's objective: summed importance of kept pairs
+    return chosen
 
 
 def _hint(analysis: Analysis, problem: _Concatenated, smallest: float, rest: float) -> str:
@@ -223,19 +342,21 @@ def _hint(analysis: Analysis, problem: _Concatenated, smallest: float, rest: flo
     return ""
 
 
-def probe_plan(analysis: Analysis, cost: CostModel) -> Plan | None:
-    """A plan with far fewer ops than the original (uniform importance, 60 % of its predicted
-    chain latency), used to calibrate the cost model; None when nothing can merge."""
+def probe_plans(analysis: Analysis, cost: CostModel, fractions: Sequence[float]) -> dict[str, Plan]:
+    """Plans the DP picks with uniform importance at ``fractions`` of the original's summed
+    terms (no rest, no correction): what references should look like, because they are what
+    the DP picks. Infeasible fractions are left out."""
     if not any(j - i > 1 for c in analysis.chains for i, j in c.valid_blocks):
-        return None
+        return {}
     problem = _concatenate(analysis, cost, None)
     full = cost.terms_ms(Plan.fold_only(analysis))
-    for fraction in (0.6, 0.8, 1.0):
+    out = {}
+    for fraction in fractions:
         try:
-            return _select(analysis, problem, fraction * full, 0.0, None)
+            out[f"dp-{fraction:g}"] = _select(analysis, problem, fraction * full, 0.0, None)
         except InfeasibleBudgetError:
             continue
-    return None
+    return out
 
 
 def _report(analysis: Analysis, cost: CostModel, plan: Plan, rest: float, original: float, end_to_end: bool,
