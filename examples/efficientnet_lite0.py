@@ -22,7 +22,7 @@ from PIL import Image
 from tabulate import tabulate
 
 import fxmerge
-from fxmerge.timing import compare_latency
+from fxmerge.backends import compare_latency
 
 
 def load_model() -> torch.nn.Module:

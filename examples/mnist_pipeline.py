@@ -26,7 +26,7 @@ from tabulate import tabulate
 
 import fxmerge
 from fxmerge.importance import accuracy, sgd_finetune
-from fxmerge.timing import compare_latency
+from fxmerge.backends import compare_latency
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError
-from fxmerge.timing import BACKENDS
+from fxmerge.backends import BACKENDS
 from fxmerge.validation import check_budget
 
 
@@ -266,6 +266,7 @@ def _get_table(args: argparse.Namespace, model: nn.Module, inputs: tuple[torch.T
     table = LatencyTable.measure(model, inputs, backend=args.backend, path=target, **_timing_kwargs(args))
     if target != path:
         os.replace(target, path)  # the old table stays until the new one is complete
+        table.path = path
     print(f"latency table: {path}, {len(table)} entries")
     return table
 
@@ -285,23 +286,64 @@ def _cmd_table(args: argparse.Namespace) -> None:
     print(_get_table(args, load_model(args.model, args.checkpoint), inputs, cached))
 
 
-def _make_plan(args: argparse.Namespace):
-    from fxmerge.planning import plan
-
+def _model_and_table(args: argparse.Namespace):
     inputs = _inputs(args)
     cached = _cached_table(args, inputs)
     model = load_model(args.model, args.checkpoint)
-    table = _get_table(args, model, inputs, cached)
-    return model, inputs, plan(model, table, budget=args.budget, budget_ms=args.budget_ms, example_inputs=inputs,
-                               backend=args.backend)
+    return model, inputs, _get_table(args, model, inputs, cached)
+
+
+def _make_plan(args: argparse.Namespace):
+    from fxmerge.planning import plan
+
+    model, inputs, table = _model_and_table(args)
+    chosen = plan(model, table, budget=args.budget, budget_ms=args.budget_ms, example_inputs=inputs,
+                  backend=args.backend, verify=args.verify)
+    return model, inputs, chosen
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
+    if args.frontier:
+        return _print_frontier(args)
     _, _, chosen = _make_plan(args)
     print(chosen)
+    if args.verify:
+        print(_verify_report(chosen))
     if args.output:
         chosen.save(args.output)
         print(f"plan saved to {args.output}")
+
+
+def _verify_report(chosen) -> str:
+    from tabulate import tabulate
+
+    rows = [[r["round"], f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['ratio']:.3f}"]
+            for r in chosen.info.get("verify", [])]
+    return "verification:\n" + tabulate(rows, headers=["round", "predicted ms", "measured ms", "measured / original"])
+
+
+def _print_frontier(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from fxmerge.planning import frontier
+
+    model, inputs, table = _model_and_table(args)
+    points = frontier(model, table, example_inputs=inputs, backend=args.backend, verify=args.verify,
+                      points=args.points)
+    rows = []
+    for p in points:
+        pred = p.info["predicted_ms"]
+        row = [p.num_convs, sum(len(c.keep) for c in p.chains), f"{pred['planned']:.3f}", f"{p.info['budget_ratio']:.3f}",
+               f"{pred['original'] / pred['planned']:.2f}x", "exact" if p.is_exact else "lossy"]
+        if "measured_ms" in p.info:
+            row += [f"{p.info['measured_ms']:.3f}", f"{1 / p.info['measured_ratio']:.2f}x"]
+        rows.append(row)
+    headers = ["convs", "kept", "predicted ms", "/ original", "pred. speed-up", ""]
+    if args.verify:
+        headers += ["measured ms", "speed-up"]
+    print(f"Pareto frontier of {args.model} on {table.backend} ({len(points)} plans; original measured "
+          f"{points[0].info['original_ms']:.3f} ms):")
+    print(tabulate(rows, headers=headers))
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -359,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="e.g. 1,3,224,224")
             p.add_argument("--checkpoint", help="a state dict (torch.save) to load into the model")
         if table:
-            p.add_argument("--backend", default="eager", choices=BACKENDS)
+            p.add_argument("--backend", default="eager", choices=sorted(BACKENDS))
             p.add_argument("--table", help="latency table JSON to use or create (default: in --cache-dir)")
             p.add_argument("--cache-dir", default=".fxmerge-cache")
             p.add_argument("--fresh", action="store_true",
@@ -377,17 +419,38 @@ def build_parser() -> argparse.ArgumentParser:
                              ("compress", _cmd_compress, "plan, merge and save the compressed model")):
         p = command(name, func, what)
         budgets = p.add_mutually_exclusive_group()
-        budgets.add_argument("--budget", type=_budget, help="fraction of the original's predicted latency, e.g. 0.6")
+        budgets.add_argument("--budget", type=_budget,
+                             help="fraction of the folded original's latency measured on the backend, e.g. 0.6")
         budgets.add_argument("--budget-ms", type=_budget_ms, help="absolute latency budget in ms")
+        p.add_argument("--verify", action="store_true",
+                       help="time the plan on the backend; if it misses the budget, correct the cost model and plan "
+                            "again (the observations are kept in the table)")
         p.add_argument("-o", "--output", required=name == "compress",
                        help="where to save the plan (JSON) / the model (.pt: fxmerge artifact; .pt2: torch.export)")
+        if name == "plan":
+            p.add_argument("--frontier", action="store_true",
+                           help="print the Pareto frontier of plans (with --verify: measure --points of them)")
+            p.add_argument("--points", type=_points, default=None,
+                           help="how many frontier plans to show (default: all; 8 with --verify)")
     p = command("demo", _cmd_demo, "mobilenet_v2 on this CPU: table, plans, exactness, measured speed-ups", model=False)
     p.add_argument("--budgets", type=_budgets, default=[0.8, 0.7, 0.6])
     return parser
 
 
+def _points(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2; got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "frontier", False) and args.verify and args.points is None:
+        args.points = 8
     try:
         _check_output(args)
         if getattr(args, "threads", None):

@@ -17,7 +17,7 @@ from fxmerge.api import analyze
 from fxmerge.passes.rewrite import linearize, merge
 from fxmerge.planning import InfeasibleBudgetError, plan
 from fxmerge.plans import Plan
-from fxmerge.timing import compare_latency
+from fxmerge.backends import compare_latency
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
