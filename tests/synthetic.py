@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge.cost import CostModel, model_key
+from fxmerge.cost import CostModel
 from fxmerge.latency import environment
 
 
@@ -31,9 +31,12 @@ def table_for(analysis: fxmerge.Analysis, inputs: tuple[torch.Tensor, ...], conv
     ms.update({k: ms[_producer(k)] + act_ms(k) for k in keys if k.startswith("act")})
     entries = {k: {"ms": v, "spread": 0.0, "repeats": 1, "calls": 1} for k, v in ms.items()}
     table = fxmerge.LatencyTable(entries, fingerprint=environment(inputs, backend))
-    folded = CostModel(analysis, table.ms).terms_ms(fxmerge.Plan.fold_only(analysis))
-    table.references[model_key(analysis)] = {"original_ms": rest_ms + folded, "rest_ms": rest_ms, "overhead_ms": 0.0,
-                                             "inputs": [list(x.shape) for x in inputs]}
+    fold = fxmerge.Plan.fold_only(analysis)
+    cost = CostModel(analysis, table.ms)
+    # one end-to-end observation (the folded original), so the fitted correction is the rest alone
+    table.observe(analysis, inputs, rest_ms + cost.terms_ms(fold), [
+        {"plan": fold.fingerprint(), "kind": "reference", "terms_ms": cost.terms_ms(fold), "ops": cost.op_count(fold),
+         "ratio": 1.0}])
     return table
 
 

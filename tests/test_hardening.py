@@ -186,7 +186,7 @@ def test_measure_latency_and_compare_latency_check_their_settings():
     with pytest.raises(fxmerge.InvalidArgumentError, match="^warmup_ms must be a finite number >= 0"):
         fxmerge.measure_latency(nn.Identity(), (X,), warmup_ms=-5)
     with pytest.raises(fxmerge.InvalidArgumentError, match="^modules must be a non-empty mapping"):
-        fxmerge.timing.compare_latency({}, (X,))
+        fxmerge.backends.compare_latency({}, (X,))
     with pytest.raises(fxmerge.InvalidArgumentError, match="^example_inputs must be a tensor"):
         fxmerge.measure_latency(nn.Identity(), [3])
 
@@ -233,6 +233,10 @@ def _set_reference(field, value):
     return lambda d: d["references"][_first(d["references"])].__setitem__(field, value)
 
 
+def _set_observation(field, value):
+    return lambda d: d["references"][_first(d["references"])]["observations"][0].__setitem__(field, value)
+
+
 LATENCY_FILE_CASES = {
     "nan time": (_set_entry("ms", float("nan")), r"entries\['act .*'\]\['ms'\] must be a finite number >= 0 .*got nan"),
     "string time": (_set_entry("ms", "0.3"), r"entries\['act .*'\]\['ms'\] must be a finite number >= 0 .*got '0.3'"),
@@ -240,7 +244,11 @@ LATENCY_FILE_CASES = {
     "entries not an object": (lambda d: d.__setitem__("entries", []), r"entries must be a JSON object / dict"),
     "not a dtype": (lambda d: d["fingerprint"].__setitem__("dtype", "float99"),
                     r"fingerprint\['dtype'\] must name a torch dtype such as 'float32'.*got 'float99'"),
-    "negative rest": (_set_reference("rest_ms", -2.0), r"references\['[0-9a-f]+'\]\['rest_ms'\] must be a finite number >= 0"),
+    "negative original": (_set_reference("original_ms", -2.0),
+                          r"references\['[0-9a-f]+'\]\['original_ms'\] must be a finite number > 0"),
+    "negative observation": (_set_observation("ratio", -0.5),
+                             r"references\['[0-9a-f]+'\]\['observations'\]\[0\]\['ratio'\] must be a finite number > 0"),
+    "version 1": (lambda d: d.__setitem__("version", 1), r"a version-1 latency table.*measure it again"),
     "malformed reference": (_set_reference("inputs", "1x3x32x32"), r"references\['[0-9a-f]+'\]\['inputs'\] must be a list"),
     "wrong format": (lambda d: d.__setitem__("format", "fxmerge.plan"),
                      r"not a fxmerge.latency file \(its format is 'fxmerge.plan'\)"),
@@ -294,20 +302,24 @@ def test_importance_files_with_bad_entries_name_the_file_and_the_entry(tmp_path,
 def test_negative_latencies_never_yield_plans_with_negative_predicted_latency(tiny, table):
     model, analysis, _ = tiny
     ref = table.references[model_key(analysis)]
-    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['rest_ms'\] must be a finite number >= 0"):
-        fxmerge.LatencyTable(table.entries, table.fingerprint, {model_key(analysis): {**ref, "rest_ms": -50.0}})
+    bad = {**ref, "observations": [{**ref["observations"][0], "terms_ms": -50.0}]}
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['terms_ms'\] must be a finite number >= 0"):
+        fxmerge.LatencyTable(table.entries, table.fingerprint, {model_key(analysis): bad})
     with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['ms'\] must be a finite number >= 0"):
         fxmerge.LatencyTable({**table.entries, "conv2d x": {"ms": -1.0}}, table.fingerprint)
     # changed after construction: refused where it is used
-    ref["rest_ms"] = -50.0
-    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['rest_ms'\] must be a finite number >= 0"):
+    ref["original_ms"] = -50.0
+    with pytest.raises(fxmerge.InvalidArgumentError, match=r"\['original_ms'\] must be a finite number > 0"):
         fxmerge.plan(model, table, budget_ms=1.0)
-    ref["rest_ms"] = 1.0
+    ref["original_ms"] = 10.0
     key = _first(table.entries)
     table.entries[key]["ms"] = -30.0
     with pytest.raises(fxmerge.InvalidArgumentError, match=re.escape(f"latency table entry '{key}': ms must be a finite "
                                                                      "number >= 0")):
         fxmerge.plan(model, table, budget_ms=1.0)
+    # and the fitted correction never goes negative, whatever the observations say
+    ref["observations"] = [{**ref["observations"][0], "ratio": 0.01}]
+    assert table.correction(analysis).rest_ms >= 0 and table.correction(analysis).overhead_ms >= 0
 
 
 # =========================================================================== 3. importance identity
@@ -457,12 +469,12 @@ def test_fresh_never_deletes_the_table_before_a_successful_measurement(tmp_path,
     path = tmp_path / "t.json"
     tiny[2].save(path)
     before = path.read_bytes()
-    import fxmerge.latency as latency
+    import fxmerge.backends as backends
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(latency, "sample", interrupted)
+    monkeypatch.setattr(backends, "sample", interrupted)
     common = ["--table", str(path), "--input-shape", "1,3,32,32", "--quick"]
     with contextlib.suppress(KeyboardInterrupt):
         run_cli(capsys, "table", FACTORY, "--fresh", *common)
@@ -618,7 +630,7 @@ def test_measure_latency_does_not_switch_the_callers_model_to_eval():
     fxmerge.measure_latency(model, (X,), rounds=1, repeats=1, min_repeat_ms=0, warmup_ms=0)
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics unmoved
-    fxmerge.timing.compare_latency({"a": model, "b": tiny_mbv2().train()}, (X,), rounds=1, repeats=1, min_repeat_ms=0,
+    fxmerge.backends.compare_latency({"a": model, "b": tiny_mbv2().train()}, (X,), rounds=1, repeats=1, min_repeat_ms=0,
                                    warmup_ms=0)
     assert [m.training for m in model.modules()] == modes
 

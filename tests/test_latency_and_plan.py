@@ -18,7 +18,7 @@ import torch.nn as nn
 import fxmerge
 import fxmerge.artifacts
 from conftest import count_convs, randomize
-from fxmerge import timing
+from fxmerge import backends, timing
 from synthetic import feasible_budget, merging_pays_table
 
 QUICK = dict(repeats=2, rounds=2, min_repeat_ms=0.5, warmup=1)
@@ -76,12 +76,15 @@ def test_table_covers_every_cost_term_and_round_trips(table, tmp_path):
     kinds = {k.split()[0] for k in table.entries}
     assert {"conv2d", "act", "add"} <= kinds
     ref = table.reference(analysis)
-    assert ref is not None and ref["original_ms"] > 0 and ref["overhead_ms"] >= 0
+    assert ref is not None and ref["original_ms"] > 0 and len(ref["observations"]) >= 2  # the folded original and more
+    assert {o["kind"] for o in ref["observations"]} == {"reference"}
+    correction = table.correction(analysis)
+    assert correction.scale > 0 and correction.rest_ms >= 0 and correction.overhead_ms >= 0
     assert set(table.fingerprint) == {"torch", "device", "backend", "threads", "dtype"}
     path = tmp_path / "table.json"
     table.save(path)
     data = json.loads(path.read_text())
-    assert data["format"] == "fxmerge.latency" and data["version"] == 1 and "pending" not in data
+    assert data["format"] == "fxmerge.latency" and data["version"] == 2 and "pending" not in data
     again = fxmerge.LatencyTable.load(path)
     assert again.entries == table.entries and again.references == table.references
     assert again.fingerprint == table.fingerprint
@@ -172,7 +175,7 @@ def test_fingerprint_mismatch_warns_and_tables_combine(table):
 def test_interrupted_measurement_resumes_without_losing_samples(tmp_path, monkeypatch):
     path = tmp_path / "resume.json"
     calls = {"n": 0}
-    real_sample = timing.sample
+    real_sample = backends.sample
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -180,20 +183,17 @@ def test_interrupted_measurement_resumes_without_losing_samples(tmp_path, monkey
             raise KeyboardInterrupt
         return real_sample(*args, **kwargs)
 
-    import fxmerge.latency as latency
-
-    monkeypatch.setattr(latency, "sample", flaky)
+    monkeypatch.setattr(backends, "sample", flaky)
     with pytest.raises(KeyboardInterrupt):
-        fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), path=path, **QUICK)
+        fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), path=path, references=False, **QUICK)
     saved = json.loads(path.read_text())
     assert len(saved["pending"]) == 6  # every finished sample is on disk
     calls["n"] = -10_000  # no more interruptions
-    table = fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), path=path, **QUICK)
+    table = fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), path=path, references=False, **QUICK)
     analysis = fxmerge.analyze(tiny_mbv2(), (X,))
     assert table.missing(analysis) == [] and not table.pending
     # resumed: the 6 saved samples were not taken again
-    total = len(table.entries) + 1  # entries plus the end-to-end reference
-    assert calls["n"] + 10_000 == 2 * total - 6  # two rounds each, minus the six saved
+    assert calls["n"] + 10_000 == 2 * len(table.entries) - 6  # two rounds each, minus the six saved
 
 
 def test_compressed_model_compiles_and_exports(synthetic):

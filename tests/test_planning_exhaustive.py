@@ -90,7 +90,7 @@ def test_plan_matches_exhaustive_search_across_chains_and_their_junctions(model_
     rng = random.Random(seed)
     table = random_table(analysis, (X,), rng, grid=GRID, rest_ms=1.0)
     importance = None if seed == 0 else _random_importance(analysis, rng)
-    cost = CostModel(analysis, table.ms, table.overhead_ms(analysis))
+    cost = CostModel(analysis, table.ms, table.correction(analysis))
     options = [chain_options(analysis, chain, cost, importance) for chain in analysis.chains]
     totals = all_plans(options)
     cheapest, dearest = float(totals[0].min()), float(totals[0].max())
