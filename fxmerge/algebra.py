@@ -77,6 +77,11 @@ class ConvGeometry:
         }
 
     @classmethod
+    def identity(cls, channels: int, ndim: int) -> "ConvGeometry":
+        """The geometry a pruned layer takes: the identity as a depthwise 1x..x1 convolution."""
+        return cls(channels, channels, (1,) * ndim, (1,) * ndim, ((0, 0),) * ndim, (1,) * ndim, channels)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ConvGeometry":
         return cls(d["in_channels"], d["out_channels"], tuple(d["kernel"]), tuple(d["stride"]),
                    tuple(tuple(p) for p in d["padding"]), tuple(d["dilation"]), d["groups"])

@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxmerge.passes.analysis import Analysis, BlockLimits, analyze_graph
+from fxmerge.passes.pruning import add_prune_options
 from fxmerge.passes.tracing import check_model, input_specs, prepare
 from fxmerge.validation import check_inputs
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,
             leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None,
-            limits: BlockLimits | None = None) -> Analysis:
+            limits: BlockLimits | None = None, prune_layers: bool = False) -> Analysis:
     """Trace ``model`` (an ``nn.Module``, a ``torch.compile``d one, or a GraphModule) and find its
     mergeable chains, droppable activations, identity skips, forced breaks, border positions
     and valid blocks.
@@ -29,6 +30,8 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer:
     warning and is left as it is). Submodules fx cannot trace are kept whole; convs inside them
     are listed in ``print(analysis)``. ``tracer`` / ``leaf_modules`` / ``concrete_args`` help
     with models fx cannot trace as they are. ``limits`` bounds the candidate blocks.
+    ``prune_layers=True`` also finds each block's ways of pruning layers (LayerMerge;
+    ``chain.options``, :mod:`fxmerge.passes.pruning`).
 
     >>> import torch, torchvision, fxmerge
     >>> a = fxmerge.analyze(torchvision.models.mobilenet_v2(), (torch.randn(1, 3, 64, 64),))
@@ -37,7 +40,8 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer:
     """
     example_inputs = check_inputs("example_inputs", example_inputs)
     gm = prepare(model, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    return analyze_graph(gm, limits, inputs=input_specs(example_inputs))
+    analysis = analyze_graph(gm, limits, inputs=input_specs(example_inputs))
+    return add_prune_options(analysis) if prune_layers else analysis
 
 
 def compress(model: nn.Module, latency_table: Any, **kwargs: Any) -> fx.GraphModule:

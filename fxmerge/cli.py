@@ -256,14 +256,16 @@ def _get_table(args: argparse.Namespace, model: nn.Module, inputs: tuple[torch.T
     path = _table_path(args)
     table = table if table is not None else _cached_table(args, inputs)
     if table is not None:
-        table.measure_missing(model, inputs, path=path, **_timing_kwargs(args))  # writes nothing when complete
+        table.measure_missing(model, inputs, path=path, prune_layers=_prune(args),  # writes nothing when complete
+                              **_timing_kwargs(args))
         print(f"latency table: {path} ({len(table)} entries, reused; --fresh re-measures)")
         return table
     path.parent.mkdir(parents=True, exist_ok=True)
     target = path.with_name(path.name + ".fresh") if getattr(args, "fresh", False) and path.exists() else path
     resumed = " (resuming)" if target.exists() else ""
     print(f"measuring the latency table ({args.backend}, {torch.get_num_threads()} threads){resumed} -> {target}")
-    table = LatencyTable.measure(model, inputs, backend=args.backend, path=target, **_timing_kwargs(args))
+    table = LatencyTable.measure(model, inputs, backend=args.backend, path=target, prune_layers=_prune(args),
+                                 **_timing_kwargs(args))
     if target != path:
         os.replace(target, path)  # the old table stays until the new one is complete
         table.path = path
@@ -298,8 +300,12 @@ def _make_plan(args: argparse.Namespace):
 
     model, inputs, table = _model_and_table(args)
     chosen = plan(model, table, budget=args.budget, budget_ms=args.budget_ms, example_inputs=inputs,
-                  backend=args.backend, verify=args.verify)
+                  backend=args.backend, verify=args.verify, prune_layers=_prune(args))
     return model, inputs, chosen
+
+
+def _prune(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "prune_layers", False))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -329,7 +335,7 @@ def _print_frontier(args: argparse.Namespace) -> None:
 
     model, inputs, table = _model_and_table(args)
     points = frontier(model, table, example_inputs=inputs, backend=args.backend, verify=args.verify,
-                      points=args.points)
+                      points=args.points, prune_layers=_prune(args))
     rows = []
     for p in points:
         pred = p.info["predicted_ms"]
@@ -410,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threads", type=_threads, default=1 if name == "demo" else None,
                            help="intra-op threads for timing (default: torch's; the demo uses 1, which is "
                                 "stable on shared machines)")
+            if name != "demo":
+                p.add_argument("--prune-layers", action="store_true",
+                               help="also let plans replace convs inside merged segments by the identity (LayerMerge; "
+                                    "the table measures those specs too)")
         p.set_defaults(func=func)
         return p
 

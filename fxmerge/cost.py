@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 from fxmerge.algebra import ConvGeometry
 from fxmerge.passes.analysis import Analysis, Chain
+from fxmerge.passes.pruning import pruned_spec
 from fxmerge.plans import ChainPlan, Plan, cheapest_cover
 
 
@@ -141,6 +142,26 @@ class CostModel:
         return keys
 
     @staticmethod
+    def pruned_keys(chain: Chain, i: int, j: int, pruned: Iterable[int]) -> list[str]:
+        """Block (i, j] with layers ``pruned`` replaced by the identity: the merged conv of the
+        kept layers (none when nothing is kept: then the adds of residuals inside stay
+        explicit, ``x + x``), plus the adds of residuals ending at j that it does not contain."""
+        spec = pruned_spec(chain, i, j, pruned)
+        if spec is not None:
+            keys = [conv_key(spec, chain.input_shapes[i])]
+        else:
+            keys = [add_key(chain.layers[s.target - 1].output_shape) for s in chain.skips
+                    if i <= s.source and s.target <= j]
+        keys += [add_key(chain.layers[j - 1].output_shape) for s in chain.skips if s.target == j and s.source < i]
+        return keys
+
+    @classmethod
+    def segment_keys(cls, chain: Chain, cp: ChainPlan, a: int, b: int) -> list[str]:
+        """The terms of one planned segment, pruned layers and all."""
+        pruned = [p for p in cp.pruned if a < p <= b]
+        return cls.pruned_keys(chain, a, b, pruned) if pruned else cls.block_keys(chain, a, b)
+
+    @staticmethod
     def producer_key(chain: Chain, p: int) -> str:
         """The single conv of layer p, which stands for whatever merged conv ends at p."""
         return conv_key(chain.specs[(p - 1, p)], chain.input_shapes[p - 1])
@@ -150,18 +171,34 @@ class CostModel:
         """Droppable activations: their time counts only when a plan keeps them."""
         return {p: activation_key(chain.activations[p][1], cls.producer_key(chain, p)) for p in chain.droppable}
 
-    def required_keys(self) -> set[str]:
+    def required_keys(self, prune_layers: bool | None = None) -> set[str]:
+        """Every term the analysis' candidate blocks need; with ``prune_layers`` (default: as
+        the analysis was made) their pruning options' too."""
+        prune_layers = self.analysis.prune_layers if prune_layers is None else prune_layers
         keys: set[str] = set()
         for chain in self.analysis.chains:
             for i, j in chain.valid_blocks:
                 keys.update(self.block_keys(chain, i, j))
+            if prune_layers:
+                for (i, j), options in chain.options.items():
+                    for option in options:
+                        keys.update(self.pruned_keys(chain, i, j, option.pruned))
             keys.update(self.activation_keys(chain).values())
             keys.update(self.producer_key(chain, p) for p in chain.droppable)
         return keys
 
     def block_ms(self, chain: Chain, i: int, j: int) -> float:
+        return self._keys_ms(self.block_keys(chain, i, j))
+
+    def pruned_ms(self, chain: Chain, i: int, j: int, pruned: Iterable[int]) -> float:
+        return self._keys_ms(self.pruned_keys(chain, i, j, pruned))
+
+    def segment_ms(self, chain: Chain, cp: ChainPlan, a: int, b: int) -> float:
+        return self._keys_ms(self.segment_keys(chain, cp, a, b))
+
+    def _keys_ms(self, keys: Iterable[str]) -> float:
         scale = self.correction.scale
-        return sum(scale * self.lookup(k) + self.overhead_ms for k in self.block_keys(chain, i, j))
+        return sum(scale * self.lookup(k) + self.overhead_ms for k in keys)
 
     def activation_ms(self, chain: Chain) -> dict[int, float]:
         """Kept-activation cost: conv-then-activation minus the conv alone (never negative)."""
@@ -173,11 +210,11 @@ class CostModel:
 
     def chain_ms(self, chain: Chain, cp: ChainPlan) -> float:
         acts = self.activation_ms(chain)
-        return sum(self.block_ms(chain, a, b) for a, b in cp.segments()) + sum(acts[p] for p in cp.keep)
+        return sum(self.segment_ms(chain, cp, a, b) for a, b in cp.segments()) + sum(acts[p] for p in cp.keep)
 
     def op_count(self, plan: Plan) -> int:
         """Ops a plan's chains run: merged convs, explicit residual adds, kept activations."""
-        return sum(len(self.block_keys(c, a, b)) for c, cp in zip(self.analysis.chains, plan.chains)
+        return sum(len(self.segment_keys(c, cp, a, b)) for c, cp in zip(self.analysis.chains, plan.chains)
                    for a, b in cp.segments()) + sum(len(cp.keep) for cp in plan.chains)
 
     def terms_ms(self, plan: Plan) -> float:
@@ -191,7 +228,7 @@ class CostModel:
     def segment_rows(self, plan: Plan) -> Iterable[tuple[int, int, int, ChainPlan, float]]:
         for c, cp in zip(self.analysis.chains, plan.chains):
             for a, b in cp.segments():
-                yield c.index, a, b, cp, self.block_ms(c, a, b)
+                yield c.index, a, b, cp, self.segment_ms(c, cp, a, b)
 
     # ---------------------------------------------------------------- plans without a budget
 

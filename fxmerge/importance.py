@@ -41,12 +41,13 @@ from fxmerge.passes.analysis import Analysis
 from fxmerge.passes.rewrite import linearize
 from fxmerge.plans import Plan
 from fxmerge.timing import Progress
-from fxmerge.validation import check_batches, check_count, check_inputs, check_mapping, check_number, is_int, is_real
+from fxmerge.validation import (check_batches, check_count, check_inputs, check_mapping, check_number,
+                                is_importance_key, is_real)
 
 # Version 2 records what a table was made from (model, estimator, settings), so a run resumes
 # only into a file made the same way; version-1 files still load, but never resume.
 FORMAT, VERSION, READABLE = "fxmerge.importance", 2, (1, 2)
-Pair = tuple[int, int, int]  # (chain index, i, j)
+Pair = tuple  # (chain index, i, j), or (chain index, i, j, pruned layers) for a pruning option
 
 
 # --------------------------------------------------------------------------- candidates
@@ -57,18 +58,28 @@ def candidate_pairs(analysis: Analysis) -> list[Pair]:
     and j (where there are any), drop those inside, merge the block. Every other pair of kept
     activations gets its score from these by :meth:`ImportanceTable.extend`, as the paper's
     extended importance does. mobilenet_v2 at 224x224 with the default limits: 246 entries
-    (the paper measured 315); every pair of its 36 kept-activation candidates would be 630."""
-    return [(chain.index, i, j) for chain in analysis.chains for i, j in chain.valid_blocks]
+    (the paper measured 315); every pair of its 36 kept-activation candidates would be 630.
+
+    An analysis made with ``prune_layers=True`` adds one entry per pruning option,
+    ``(chain, i, j, pruned layers)``: the same block with those convs replaced by the identity
+    (mobilenet_v2: 171 more, 417 in all; LayerMerge measured 391)."""
+    pairs: list[Pair] = [(chain.index, i, j) for chain in analysis.chains for i, j in chain.valid_blocks]
+    if analysis.prune_layers:
+        pairs += [(chain.index, i, j, o.pruned) for chain in analysis.chains
+                  for (i, j), options in sorted(chain.options.items()) for o in options]
+    return pairs
 
 
 def pair_plan(analysis: Analysis, pair: Pair) -> Plan:
-    """The model with the activations strictly inside block (i, j] dropped and the block merged
-    into one conv; every other layer is left on its own."""
-    ci, i, j = pair
+    """The model with the activations strictly inside block (i, j] dropped (and, for a pruning
+    option, its pruned convs replaced by the identity) and the block merged into one conv;
+    every other layer is left on its own."""
+    ci, i, j = pair[:3]
     chain = analysis.chains[ci]
     keep = [p for p in chain.droppable if not i < p < j]
     bounds = set(range(1, chain.length)) - set(range(i + 1, j))
-    return Plan.from_positions(analysis, {ci: (keep, bounds)})
+    pruned = {ci: pair[3]} if len(pair) == 4 else None
+    return Plan.from_positions(analysis, {ci: (keep, bounds)}, pruned=pruned)
 
 
 # --------------------------------------------------------------------------- built-in pieces
@@ -155,7 +166,7 @@ class ImportanceTable:
         """METHOD.md §4.4 ('single'): subtract ``alpha`` times the mean score of the
         single-layer entries (which drop nothing, so their score is what fine-tuning alone
         gives) from every entry; every segment of a plan is charged that much."""
-        single = [v for (_, i, j), v in self.scores.items() if j - i == 1]
+        single = [v for k, v in self.scores.items() if len(k) == 3 and k[2] - k[1] == 1]
         if not single:
             raise FxMergeError("normalisation needs the single-layer entries (blocks (p-1, p]) in the table")
         shift = alpha * sum(single) / len(single)
@@ -164,10 +175,11 @@ class ImportanceTable:
     def extend(self, analysis: Analysis) -> dict[Pair, float]:
         """Scores for every pair of kept-activation candidates: a pair's measured entry, or the
         best sum over splits at positions without an activation (the paper's extended
-        importance, METHOD.md §4.4; ties keep the unsplit entry). This is what the DP reads."""
-        out: dict[Pair, float] = {}
+        importance, METHOD.md §4.4; ties keep the unsplit entry); pruning options' entries as
+        they are (each is a whole segment). This is what the DP reads."""
+        out: dict[Pair, float] = {k: v for k, v in self.scores.items() if len(k) == 4}
         for chain in analysis.chains:
-            measured = {(i, j): v for (c, i, j), v in self.scores.items() if c == chain.index}
+            measured = {k[1:]: v for k, v in self.scores.items() if len(k) == 3 and k[0] == chain.index}
             # splits only where nothing can be kept: a border position is a choice of its own
             free = [p for p in range(1, chain.length) if p not in chain.activations and p not in chain.borders]
             ext: dict[tuple[int, int], float] = {}
@@ -200,7 +212,8 @@ class ImportanceTable:
         iterable of ``(inputs, targets)``, for the built-in :func:`sgd_finetune`);
         ``eval_fn(module) -> float`` scores it, higher is better. Each entry is
         ``eval_fn(tuned candidate) - eval_fn(original)``. Every pair is trained from the same
-        seed, so results do not depend on sharding.
+        seed, so results do not depend on sharding. ``analysis=fxmerge.analyze(...,
+        prune_layers=True)`` also scores every pruning option.
         """
         example_inputs = check_inputs("example_inputs", example_inputs)
         _check_callable("eval_fn", eval_fn, "a function module -> score (higher is better)")
@@ -257,8 +270,8 @@ class ImportanceTable:
     # ---------------------------------------------------------------- JSON, printing
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "meta": self.meta,
-                "scores": [[c, i, j, v] for (c, i, j), v in sorted(self.scores.items())]}
+        rows = [[*k[:3], list(k[3]), v] if len(k) == 4 else [*k, v] for k, v in sorted(self.scores.items(), key=_order)]
+        return {"format": FORMAT, "version": VERSION, "meta": self.meta, "scores": rows}
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str | os.PathLike | None = None) -> "ImportanceTable":
@@ -271,13 +284,15 @@ class ImportanceTable:
             raise MalformedFileError(f"{where}: 'scores' must be a list of [chain, i, j, score] rows; got {rows!r}")
         scores = {}
         for k, row in enumerate(rows):
-            if not (isinstance(row, list) and len(row) == 4 and all(is_int(v) for v in row[:3]) and 0 <= row[1] < row[2]):
+            key = _row_key(row)
+            if key is None:
                 raise MalformedFileError(f"{where}: scores[{k}] must be a row [chain, i, j, score] with integers "
-                                         f"0 <= i < j; got {row!r}. Fix or delete the file.")
-            if not is_real(row[3]) or not math.isfinite(row[3]):
-                raise MalformedFileError(f"{where}: scores[{k}] (pair {tuple(row[:3])}) has score {row[3]!r}; scores "
+                                         f"0 <= i < j (or [chain, i, j, [pruned layers], score]); got {row!r}. "
+                                         "Fix or delete the file.")
+            if not is_real(row[-1]) or not math.isfinite(row[-1]):
+                raise MalformedFileError(f"{where}: scores[{k}] (pair {key}) has score {row[-1]!r}; scores "
                                          "must be finite numbers. Fix the entry or delete the file.")
-            scores[tuple(row[:3])] = float(row[3])
+            scores[key] = float(row[-1])
         try:
             meta = dict(check_mapping("meta", d.get("meta", {})))
         except InvalidArgumentError as exc:
@@ -292,9 +307,24 @@ class ImportanceTable:
         return cls.from_dict(read_json(path, "importance table"), source=path)
 
     def __str__(self) -> str:
-        rows = [[c, f"({i}, {j}]", f"{v:+.4f}"] for (c, i, j), v in sorted(self.scores.items())]
+        rows = [[k[0], f"({k[1]}, {k[2]}]", ", ".join(map(str, k[3])) if len(k) == 4 else "-", f"{v:+.4f}"]
+                for k, v in sorted(self.scores.items(), key=_order)]
         head = f"fxmerge importance table: {len(self.scores)} pairs ({self.meta.get('estimator', '?')})"
-        return head + "\n" + tabulate(rows, headers=["chain", "segment", "score"])
+        return head + "\n" + tabulate(rows, headers=["chain", "segment", "pruned layers", "score"])
+
+
+def _order(item: tuple) -> tuple:
+    key = item[0]
+    return (*key[:3], key[3] if len(key) == 4 else ())
+
+
+def _row_key(row: Any) -> Pair | None:
+    """The key a saved row ``[chain, i, j, score]`` or ``[chain, i, j, [pruned], score]`` holds
+    (None if it is malformed)."""
+    if not isinstance(row, list) or len(row) not in (4, 5):
+        return None
+    key = tuple(row[:3]) if len(row) == 4 else (*row[:3], tuple(row[3]) if isinstance(row[3], list) else row[3])
+    return key if is_importance_key(key) else None
 
 
 def _evaluate(pairs: list[Pair], score: Callable[[int, Pair], float], path: str | os.PathLike | None,
@@ -414,9 +444,12 @@ def _check_pairs(pairs: Sequence[Pair] | None, analysis: Analysis) -> list[Pair]
     known = set(allowed)
     out = []
     for k, pair in enumerate(pairs):
-        pair = tuple(pair) if isinstance(pair, (list, tuple)) else pair
+        if isinstance(pair, (list, tuple)):
+            pair = tuple(pair[:3]) + ((tuple(pair[3]),) if len(pair) == 4 and isinstance(pair[3], (list, tuple)) else
+                                      tuple(pair[3:]))
         if pair not in known:
-            raise InvalidArgumentError(f"pairs[{k}] = {pair!r} is not a candidate block (chain, i, j) of this model; "
+            raise InvalidArgumentError(f"pairs[{k}] = {pair!r} is not a candidate block (chain, i, j) or pruning "
+                                       "option (chain, i, j, pruned) of this model; "
                                        "fxmerge.importance.candidate_pairs(analysis) lists them")
         out.append(pair)
     return out

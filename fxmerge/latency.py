@@ -34,6 +34,7 @@ from fxmerge.cost import CostModel, Correction, add_key, conv_key, model_key
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
+from fxmerge.passes.pruning import add_prune_options
 from fxmerge.passes.patterns import registered_activations
 from fxmerge.timing import Progress, Timing, device_name
 from fxmerge.validation import (check_choice, check_count, check_inputs, check_mapping, check_number, check_shape,
@@ -80,12 +81,14 @@ class LatencyTable:
     def measure(cls, model: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",
                 limits: BlockLimits | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
                 repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
-                references: bool = True, **trace_kwargs: Any) -> "LatencyTable":
+                references: bool = True, prune_layers: bool = False, **trace_kwargs: Any) -> "LatencyTable":
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
         follow them) as ``backend`` runs it, and (``references=True``) time a few whole plans
-        end to end to calibrate the rest and the per-op overhead. With ``path``, finished
-        entries are saved as they come and an existing file there is resumed; later
-        verifications save their observations there too."""
+        end to end to calibrate the rest and the per-op overhead. ``prune_layers=True`` also
+        measures the merged specs of every block's pruning options (LayerMerge), for
+        ``fxmerge.plan(..., prune_layers=True)``. With ``path``, finished entries are saved as
+        they come and an existing file there is resumed; later verifications save their
+        observations there too."""
         example_inputs = check_inputs("example_inputs", example_inputs)
         TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
         get_backend(backend)
@@ -96,7 +99,7 @@ class LatencyTable:
             resumed.check_environment(example_inputs, backend=backend, source=path)
             table = table | resumed
         table.path = path
-        analysis = analyze(model, example_inputs, limits=limits, **trace_kwargs)
+        analysis = analyze(model, example_inputs, limits=limits, prune_layers=prune_layers, **trace_kwargs)
         table.limits = _limits_dict(analysis.limits)
         table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup, repeats=repeats,
                               min_repeat_ms=min_repeat_ms, rounds=rounds, progress=progress, reference=references,
@@ -106,20 +109,25 @@ class LatencyTable:
     def measure_missing(self, model: nn.Module, example_inputs: Sequence[torch.Tensor], *,
                         analysis: Analysis | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
                         repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
-                        reference: bool = True, **trace_kwargs: Any) -> "LatencyTable":
+                        reference: bool = True, prune_layers: bool | None = None,
+                        **trace_kwargs: Any) -> "LatencyTable":
         """Measure the terms ``model`` needs that the table lacks (and its end-to-end
-        references, unless ``reference=False``); returns ``self``. With ``path``, progress is
-        saved there; a complete table writes nothing (so a cached table in a read-only folder
-        serves)."""
+        references, unless ``reference=False``); returns ``self``. ``prune_layers`` (default:
+        as ``analysis`` was made, else False) includes the pruning options' specs. With
+        ``path``, progress is saved there; a complete table writes nothing (so a cached table
+        in a read-only folder serves)."""
         example_inputs = check_inputs("example_inputs", example_inputs)
         settings = TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
         _check_folder(path)
         backend = get_backend(self.fingerprint.setdefault("backend", "eager"))
         self.check_environment(example_inputs)
         if analysis is None:
-            analysis = analyze(model, example_inputs, limits=self.block_limits(), **trace_kwargs)
+            analysis = analyze(model, example_inputs, limits=self.block_limits(), prune_layers=bool(prune_layers),
+                               **trace_kwargs)
+        elif prune_layers:
+            add_prune_options(analysis)
         x = example_inputs[0]
-        builders = _builders(analysis, x.dtype, x.device)
+        builders = _builders(analysis, x.dtype, x.device, analysis.prune_layers if prune_layers is None else prune_layers)
         todo = {k: builders[k] for k in sorted(builders) if k not in self.entries}
         changed = bool(todo)
 
@@ -181,18 +189,21 @@ class LatencyTable:
         return check_number(f"latency table entry {key!r}: ms", entry.get("ms") if isinstance(entry, dict) else None,
                             minimum=0, hint="milliseconds per call; re-measure the entry")
 
-    def missing(self, analysis: Analysis) -> list[str]:
-        return sorted(CostModel(analysis, self.ms).required_keys() - self.entries.keys())
+    def missing(self, analysis: Analysis, prune_layers: bool | None = None) -> list[str]:
+        """The terms ``analysis`` needs (with ``prune_layers``, default as the analysis was
+        made, its pruning options' too) that the table lacks."""
+        return sorted(CostModel(analysis, self.ms).required_keys(prune_layers) - self.entries.keys())
 
-    def require(self, analysis: Analysis) -> None:
+    def require(self, analysis: Analysis, prune_layers: bool | None = None) -> None:
         """Raise :class:`MissingLatencyError` listing every term ``analysis`` needs and lacks."""
-        missing = self.missing(analysis)
+        missing = self.missing(analysis, prune_layers)
         if missing:
             shown = "\n  ".join(missing[:12]) + (f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else "")
             raise MissingLatencyError(
                 f"the latency table lacks {len(missing)} entries this model needs:\n  {shown}\n"
-                "Measure them with table.measure_missing(model, example_inputs) (same hardware and backend), "
-                "or pass measure_missing=True.")
+                "Measure them with table.measure_missing(model, example_inputs"
+                f"{', prune_layers=True' if analysis.prune_layers and prune_layers is not False else ''}) (same "
+                "hardware and backend), or pass measure_missing=True.")
 
     def reference(self, analysis: Analysis) -> dict | None:
         key = model_key(analysis)
@@ -370,7 +381,8 @@ def _limits_dict(limits: BlockLimits) -> dict:
     return dataclasses.asdict(limits)
 
 
-def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device,
+              prune_layers: bool = False) -> dict[str, Callable]:
     """For each cost-model term: a function building (module, inputs) to time it."""
     out: dict[str, Callable] = {}
 
@@ -378,8 +390,11 @@ def _builders(analysis: Analysis, dtype: torch.dtype, device: torch.device) -> d
         return torch.randn(shape, dtype=dtype, device=device)
 
     for chain in analysis.chains:
-        for i, j in chain.valid_blocks:
-            spec, shape = chain.specs[(i, j)], chain.input_shapes[i]
+        blocks = [(chain.specs[b], chain.input_shapes[b[0]]) for b in chain.valid_blocks]
+        if prune_layers:  # each option's merged conv (a fully pruned block runs no conv)
+            blocks += [(o.spec, chain.input_shapes[i]) for (i, _), opts in chain.options.items() for o in opts
+                       if o.spec is not None]
+        for spec, shape in blocks:
             out[conv_key(spec, shape)] = lambda spec=spec, shape=shape: (
                 conv_for_geometry(spec, dtype=dtype, device=device), (rand(shape),))
         for s in chain.skips:

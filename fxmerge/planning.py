@@ -18,13 +18,15 @@ from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgume
 from fxmerge.latency import LatencyTable
 from fxmerge.passes import dp
 from fxmerge.passes.analysis import Analysis, Chain
+from fxmerge.passes.pruning import add_prune_options, pruned_spec
 from fxmerge.plans import Plan
-from fxmerge.validation import (check_budget, check_choice, check_count, check_importance, check_inputs,
+from fxmerge.validation import (check_budget, check_choice, check_count, check_flag, check_importance, check_inputs,
                                 check_resolution)
 
 log = logging.getLogger("fxmerge")
 
-Importance = Mapping[tuple[int, int, int], float]  # (chain index, i, j) -> score
+# (chain index, i, j) -> score; with pruning also (chain index, i, j, pruned layers) -> score
+Importance = Mapping[tuple, float]
 
 
 class InfeasibleBudgetError(FxMergeError):
@@ -46,18 +48,29 @@ class _Concatenated:
     importance: dict[tuple[int, int], float]
     candidates: list[int]
     position_costs: dict[int, float]
+    options: dict[tuple[int, int], list[tuple[float, float]]]  # pruned blocks: (ms, importance)
+    pruned: dict[tuple[int, int], list[tuple[int, ...]]]  # the layers each of those options prunes
 
     def local(self, chain: Chain, positions: Sequence[int]) -> list[int]:
         off = self.offsets[chain.index]
         return [p - off for p in positions if off < p < off + chain.length]
 
 
-def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | None) -> _Concatenated:
+def uniform_option_score(pruned: Sequence[int]) -> float:
+    """Without importance, a segment is worth 1 (so the DP keeps as many activations as fit)
+    and each conv it prunes costs 1 (pruning a conv counts like dropping an activation)."""
+    return 1.0 - len(pruned)
+
+
+def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | None,
+                 prune_layers: bool = False) -> _Concatenated:
     offsets, total = [], 0
     for chain in analysis.chains:
         offsets.append(total)
         total += chain.length
     times, imp, candidates, position_costs = {}, {}, [], {}
+    options: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    pruned: dict[tuple[int, int], list[tuple[int, ...]]] = {}
     for chain, off in zip(analysis.chains, offsets):
         for i, j in chain.valid_blocks:
             times[(off + i, off + j)] = cost.block_ms(chain, i, j)
@@ -74,17 +87,26 @@ def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | N
                 score = 1.0 if importance is None else importance.get((chain.index, i, j))
                 if score is not None:
                     imp[(off + i, off + j)] = float(score)
+                for option in chain.options.get((i, j), []) if prune_layers else []:
+                    score = uniform_option_score(option.pruned) if importance is None else \
+                        importance.get((chain.index, i, j, option.pruned))
+                    if score is not None:
+                        options.setdefault((off + i, off + j), []).append(
+                            (cost.pruned_ms(chain, i, j, option.pruned), float(score)))
+                        pruned.setdefault((off + i, off + j), []).append(option.pruned)
         if chain.index < len(analysis.chains) - 1:
             candidates.append(off + chain.length)  # chain junctions always act as kept
             position_costs[off + chain.length] = 0.0
-    return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs)
+    return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs, options, pruned)
 
 
 class _Planner:
     """One model, one table, one importance: the DP's inputs, built once, and its answers."""
 
-    def __init__(self, table: LatencyTable, analysis: Analysis, importance: Any, resolution: float | None):
+    def __init__(self, table: LatencyTable, analysis: Analysis, importance: Any, resolution: float | None,
+                 prune_layers: bool = False):
         self.table, self.analysis, self.importance, self.resolution = table, analysis, importance, resolution
+        self.prune_layers = prune_layers
         self.cost = CostModel(analysis, table.ms, table.correction(analysis))
         self.reference = table.reference(analysis)
         self.rest = self.cost.correction.rest_ms
@@ -96,7 +118,7 @@ class _Planner:
     @property
     def problem(self) -> "_Concatenated":
         if self._problem is None:
-            self._problem = _concatenate(self.analysis, self.cost, self.importance)
+            self._problem = _concatenate(self.analysis, self.cost, self.importance, self.prune_layers)
             _check_coverable(self.analysis, self._problem)
         return self._problem
 
@@ -110,7 +132,8 @@ class _Planner:
     def frontier(self, max_ms: float | None) -> list[Plan]:
         points = dp.frontier(self.problem.times, self.problem.importance, self.problem.length,
                              candidates=self.problem.candidates, position_costs=self.problem.position_costs,
-                             resolution=self.resolution, max_budget=None if max_ms is None else max_ms - self.rest)
+                             resolution=self.resolution, max_budget=None if max_ms is None else max_ms - self.rest,
+                             options=self.problem.options)
         return [self.finish(_to_plan(self.analysis, self.problem, sel), None) for sel in points]
 
     def finish(self, chosen: Plan, target_ms: float | None) -> Plan:
@@ -125,7 +148,7 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
          budget_ms: float | None = None, importance: Importance | None = None,
          example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
          measure_missing: bool = False, analysis: Analysis | None = None, backend: str | None = None,
-         verify: bool = False, verify_rounds: int = 3, **trace_kwargs: Any) -> Plan:
+         verify: bool = False, verify_rounds: int = 3, prune_layers: bool = False, **trace_kwargs: Any) -> Plan:
     """Choose which activations to keep and where to merge, exactly, under a latency budget.
 
     ``budget`` is a fraction of the BatchNorm-folded original's latency *as measured* on the
@@ -145,13 +168,19 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     cost model (kept in the table, and saved where the table was measured or loaded) and it
     plans again, for at most ``verify_rounds`` rounds (:func:`fxmerge.calibration.verify`).
 
+    ``prune_layers=True`` also lets the DP replace convs inside merged segments by the
+    identity (LayerMerge): one exact DP over kept activations, merge boundaries and kept convs,
+    whose optimum is never below the depth-only one. The table needs the options' specs
+    (``LatencyTable.measure(..., prune_layers=True)``); importance scores them as
+    ``(chain, i, j, pruned layers)`` (without it, each pruned conv counts -1).
+
     The plan records the predicted latencies (``plan.info``; with ``verify``, every round's
     prediction and measurement in ``plan.info["verify"]``) and prints as a report.
     """
     budget, budget_ms = _check_budgets(budget, budget_ms)
     check_count("verify_rounds", verify_rounds, hint="plan-measure-correct rounds, e.g. 3")
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 measure_missing, analysis, backend, trace_kwargs)
+                                                 measure_missing, analysis, backend, trace_kwargs, prune_layers)
     if budget is None and budget_ms is None:
         chosen = planner.keep_all()
         if verify:
@@ -174,7 +203,7 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     from fxmerge.calibration import verify as verified  # measuring plans lives above the planner
 
     def fresh() -> _Planner:  # the correction re-fits on every observation a round adds
-        return _Planner(latency_table, analysis, planner.importance, resolution)
+        return _Planner(latency_table, analysis, planner.importance, resolution, prune_layers)
 
     return verified(lambda aim: fresh().select(aim), lambda p: fresh().cost.predict_ms(p), latency_table, model,
                     example_inputs, analysis, target, rounds=verify_rounds, **trace_kwargs)
@@ -183,7 +212,8 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
 def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importance | None = None, *,
              example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
              max_budget: float | None = None, points: int | None = None, verify: bool = False,
-             analysis: Analysis | None = None, backend: str | None = None, **trace_kwargs: Any) -> list[Plan]:
+             analysis: Analysis | None = None, backend: str | None = None, prune_layers: bool = False,
+             **trace_kwargs: Any) -> list[Plan]:
     """The Pareto set of plans — for every latency, the most important plan that fits —
     fastest first, from one DP solve. Each plan's ``info`` holds its predicted latency (and
     ``budget_ratio``: predicted over the original). ``max_budget`` (a fraction of the
@@ -191,7 +221,8 @@ def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importan
     that many, evenly spread in predicted latency. ``verify=True`` times the returned points
     interleaved with the folded original on the table's backend (``info["measured_ms"]``,
     ``info["measured_ratio"]``) and keeps them as observations; it needs ``points`` (each
-    point is a model to build and, on compiled backends, to compile).
+    point is a model to build and, on compiled backends, to compile). ``prune_layers`` as in
+    :func:`plan`.
     """
     if max_budget is not None:
         max_budget = check_budget("max_budget", max_budget, "a fraction of the original's latency, e.g. 1.0")
@@ -200,7 +231,7 @@ def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importan
     if verify and points is None:
         raise InvalidArgumentError("frontier(verify=True) measures every returned plan: give points=N (e.g. 6)")
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 False, analysis, backend, trace_kwargs)
+                                                 False, analysis, backend, trace_kwargs, prune_layers)
     plans = planner.frontier(None if max_budget is None else max_budget * planner.original_ms)
     if points is not None and len(plans) > points:
         plans = _spread(plans, points)
@@ -231,7 +262,7 @@ def _spread(plans: list[Plan], count: int) -> list[Plan]:
 
 
 def _planner(model, table, importance, example_inputs, resolution, measure_missing, analysis, backend,
-             trace_kwargs) -> tuple[_Planner, Analysis, tuple]:
+             trace_kwargs, prune_layers: bool = False) -> tuple[_Planner, Analysis, tuple]:
     """Arguments checked, the model analysed, the table completed if asked, importance
     extended: the planner for this call."""
     importance = check_importance(importance)
@@ -245,15 +276,18 @@ def _planner(model, table, importance, example_inputs, resolution, measure_missi
     example_inputs = check_inputs("example_inputs", example_inputs) if given else _example_inputs(table)
     # Inputs made up from the table match its dtype by construction; their device is not its.
     table.check_environment(example_inputs if given else None, backend=backend)
+    check_flag("prune_layers", prune_layers)
     if analysis is None:
-        analysis = analyze(model, example_inputs, limits=table.block_limits(), **trace_kwargs)
+        analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, **trace_kwargs)
+    elif prune_layers:
+        add_prune_options(analysis)
     if measure_missing:
-        table.measure_missing(model, example_inputs, analysis=analysis, **trace_kwargs)
-    table.require(analysis)
+        table.measure_missing(model, example_inputs, analysis=analysis, prune_layers=prune_layers, **trace_kwargs)
+    table.require(analysis, prune_layers)
     if importance is not None and hasattr(importance, "extend"):  # an ImportanceTable: extend to every pair
         _check_importance_model(importance, analysis)
         importance = importance.extend(analysis)
-    return _Planner(table, analysis, importance, resolution), analysis, example_inputs
+    return _Planner(table, analysis, importance, resolution, prune_layers), analysis, example_inputs
 
 
 def _check_budgets(budget: Any, budget_ms: Any) -> tuple[float | None, float | None]:
@@ -312,7 +346,7 @@ def _example_inputs(table: LatencyTable) -> tuple[torch.Tensor, ...]:
 def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: float, resolution: float | None) -> Plan:
     try:
         sel = dp.select(problem.times, problem.importance, problem.length, budget, candidates=problem.candidates,
-                        position_costs=problem.position_costs, resolution=resolution)
+                        position_costs=problem.position_costs, resolution=resolution, options=problem.options)
     except dp.InfeasibleBudget as exc:
         smallest = exc.smallest + rest
         raise InfeasibleBudgetError(
@@ -324,11 +358,14 @@ def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: flo
 
 
 def _to_plan(analysis: Analysis, problem: _Concatenated, sel: dp.Selection) -> Plan:
-    choice = {}
+    choice, pruned = {}, {}
     for chain in analysis.chains:
         kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
         choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
-    chosen = Plan.from_positions(analysis, choice)
+        off = problem.offsets[chain.index]
+        pruned[chain.index] = [p for i, j, k in sel.options if off <= i and j <= off + chain.length
+                               for p in problem.pruned[(i, j)][k]]
+    chosen = Plan.from_positions(analysis, choice, pruned=pruned)
     chosen.info["importance"] = sel.importance  # the DP's objective: summed importance of kept pairs
     return chosen
 
@@ -363,11 +400,13 @@ def _report(analysis: Analysis, cost: CostModel, plan: Plan, rest: float, origin
             budget_ms: float | None) -> dict:
     rows = []
     for ci, a, b, cp, ms in cost.segment_rows(plan):
-        if b - a > 1:
-            spec = analysis.chains[ci].specs[(a, b)]
+        pruned = [p for p in cp.pruned if a < p <= b]
+        if b - a > 1 or pruned:
+            spec = pruned_spec(analysis.chains[ci], a, b, pruned)
             rows.append({"chain": ci, "block": [a, b], "layers": cp.block_name(a, b).split(" = ")[1],
-                         "replaces": b - a, "kernel": "x".join(map(str, spec.kernel)), "groups": spec.groups,
-                         "ms": ms})
+                         "replaces": b - a, "kernel": "x".join(map(str, spec.kernel)) if spec else "identity",
+                         "groups": spec.groups if spec else "-", "ms": ms,
+                         "pruned": [cp.layers[p - 1][0] for p in pruned]})
     planned = rest + cost.terms_ms(plan)
     return {"predicted_ms": {"original": original, "planned": planned}, "budget_ms": budget_ms,
             "end_to_end": end_to_end, "merged": rows}

@@ -30,7 +30,8 @@ class ChainPlan:
     forced breaks; ``borders`` are activation-free positions whose next layer pads its input
     (a merge across one moves that padding). ``keep`` holds the droppable positions whose
     activation stays and ``boundaries`` the interior positions where a merged convolution
-    ends (⊇ keep ∪ breaks). ``signature`` is the chain's recorded structure.
+    ends (⊇ keep ∪ breaks); ``pruned`` the layers replaced by the identity (LayerMerge).
+    ``signature`` is the chain's recorded structure.
     """
 
     layers: tuple[tuple[str, str | None, str | None], ...]
@@ -41,6 +42,7 @@ class ChainPlan:
     boundaries: tuple[int, ...]
     borders: tuple[int, ...] = ()
     signature: Mapping[str, Any] = field(default_factory=dict)
+    pruned: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -65,8 +67,13 @@ class ChainPlan:
 
     @property
     def is_exact(self) -> bool:
-        """Whether this chain computes what the original did: nothing dropped, no padding moved."""
-        return not self.dropped and not any(self.moved_borders(a, b) for a, b in self.segments())
+        """Whether this chain computes what the original did: nothing dropped or pruned, no
+        padding moved."""
+        return not self.dropped and not self.pruned and not any(self.moved_borders(a, b) for a, b in self.segments())
+
+    def kept_layers(self, a: int, b: int) -> list[int]:
+        """The layers of segment (a, b] that are not pruned (numbered like positions)."""
+        return [p for p in range(a + 1, b + 1) if p not in self.pruned]
 
     def name(self) -> str:
         return self.layers[0][0] if self.length == 1 else f"{self.layers[0][0]}..{self.layers[-1][0]}"
@@ -85,6 +92,7 @@ class ChainPlan:
             "keep": [self.activations[p] for p in self.keep],
             "merge_after": [self.layers[p - 1][0] for p in self.boundaries],
             "signature": dict(self.signature),
+            **({"prune": [self.layers[p - 1][0] for p in self.pruned]} if self.pruned else {}),
         }
 
     @classmethod
@@ -93,12 +101,15 @@ class ChainPlan:
         acts = {int(p): n for p, n in d["activations"].items()}
         by_act = {n: p for p, n in acts.items()}
         by_conv = {c: p for p, (c, _, _) in enumerate(layers, start=1)}
-        unknown = [n for n in d["keep"] if n not in by_act] + [c for c in d["merge_after"] if c not in by_conv]
+        prune = d.get("prune", [])
+        unknown = ([n for n in d["keep"] if n not in by_act] + [c for c in d["merge_after"] if c not in by_conv]
+                   + [c for c in prune if c not in by_conv])
         if unknown:
-            raise InvalidPlanError(f"kept activations / merge boundaries {unknown} are not nodes of this chain")
+            raise InvalidPlanError(f"kept activations / merge boundaries / pruned convs {unknown} are not nodes of "
+                                   "this chain")
         return cls(layers, acts, tuple(tuple(s) for s in d["skips"]), tuple(d["breaks"]),
                    tuple(sorted(by_act[n] for n in d["keep"])), tuple(sorted(by_conv[c] for c in d["merge_after"])),
-                   tuple(d["borders"]), dict(d["signature"]))
+                   tuple(d["borders"]), dict(d["signature"]), tuple(sorted(by_conv[c] for c in prune)))
 
 
 def _structure(chain: Any) -> dict:
@@ -159,39 +170,47 @@ class Plan:
 
     @classmethod
     def from_positions(cls, analysis: Any, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]], *,
-                       lossy: bool = False) -> "Plan":
+                       lossy: bool = False, pruned: Mapping[int, Iterable[int]] | None = None) -> "Plan":
         """``choice[chain index] = (kept positions, boundaries or None)``; None merges each run
         between kept activations and forced breaks with the fewest valid blocks — and, unless
-        ``lossy``, never across a border position. Chains not in ``choice`` keep all activations."""
+        ``lossy``, never across a border position. Chains not in ``choice`` keep all activations.
+        ``pruned[chain index]`` lists layers (numbered 1..L) to replace by the identity."""
         chains = []
+        pruned = pruned or {}
         for chain in analysis.chains:
             keep, bounds = choice.get(chain.index, (chain.droppable, None))
             keep = tuple(sorted(set(keep)))
             fixed = set(keep) | set(chain.breaks) | (set() if lossy else set(chain.borders))
             bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | set(keep) | set(chain.breaks)))
-            cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds)
+            cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds,
+                           pruned=tuple(sorted(set(pruned.get(chain.index, ())))))
             validate_chain(cp, chain.index)
+            check_prunable(cp, chain, chain.index)
             chains.append(cp)
         return cls(chains, inputs=list(getattr(analysis, "inputs", [])))
 
     @classmethod
     def from_sets(cls, analysis: Any, keep: Iterable[str], merge_after: Iterable[str] | None = None, *,
-                  lossy: bool = False) -> "Plan":
+                  lossy: bool = False, prune: Iterable[str] = ()) -> "Plan":
         """A plan from explicit node names: ``keep`` the activation nodes to keep (every other
         droppable one is dropped); ``merge_after`` the conv nodes after which a merged conv
-        must end (None: merge as far as valid, across border positions only if ``lossy``).
-        Raises :class:`InvalidPlanError` on names that are not droppable activations / layers,
-        or on boundaries that break a merge rule."""
-        if isinstance(keep, str) or (merge_after is not None and isinstance(merge_after, str)):
-            raise InvalidPlanError("keep and merge_after are collections of node names, not one string")
-        keep, cut = set(keep), None if merge_after is None else set(merge_after)
-        choice = {}
+        must end (None: merge as far as valid, across border positions only if ``lossy``);
+        ``prune`` the conv nodes to replace, with their BatchNorm, by the identity (LayerMerge;
+        only convs that keep every shape). Raises :class:`InvalidPlanError` on names that are
+        not droppable activations / layers / prunable convs, or on boundaries that break a
+        merge rule."""
+        if any(isinstance(v, str) for v in (keep, merge_after, prune)):
+            raise InvalidPlanError("keep, merge_after and prune are collections of node names, not one string")
+        keep, cut, prune = set(keep), None if merge_after is None else set(merge_after), set(prune)
+        choice, pruned = {}, {}
         for chain in analysis.chains:
             acts = {name: p for p, (name, _) in chain.activations.items() if p in chain.droppable}
             convs = {layer.conv: p for p, layer in enumerate(chain.layers, start=1)}
             choice[chain.index] = ([acts[n] for n in keep & acts.keys()],
                                    None if cut is None else [convs[n] for n in cut & convs.keys() if convs[n] < chain.length])
+            pruned[chain.index] = [convs[n] for n in prune & convs.keys()]
             keep -= acts.keys()
+            prune -= convs.keys()
             if cut is not None:
                 cut -= convs.keys()
         if keep:
@@ -199,7 +218,10 @@ class Plan:
                                    "see print(fxmerge.analyze(...)) for the droppable ones")
         if cut:
             raise InvalidPlanError(f"not conv layers of this model: {sorted(cut)}")
-        return cls.from_positions(analysis, choice, lossy=lossy)
+        if prune:
+            raise InvalidPlanError(f"cannot prune {sorted(prune)}: not conv layers of this model; "
+                                   "see print(fxmerge.analyze(...)) for the layers")
+        return cls.from_positions(analysis, choice, lossy=lossy, pruned=pruned)
 
     # ------------------------------------------------------------------ structure
 
@@ -213,6 +235,7 @@ class Plan:
                 raise PlanMismatchError(
                     f"plan built for a different model: chain {index} ({cp.name()}): {difference}. "
                     "Build the plan from this model (fxmerge.analyze / fxmerge.plan) or trace it the same way.")
+            check_prunable(cp, chain, index)
         if len(chains) != len(self.chains):
             extra = [c.name() for c in chains[len(self.chains):]] or [c.name() for c in self.chains[len(chains):]]
             raise PlanMismatchError(
@@ -228,8 +251,12 @@ class Plan:
 
     @property
     def num_convs(self) -> int:
-        """Convolutions in the planned chains after merging."""
-        return sum(len(c.segments()) for c in self.chains)
+        """Convolutions in the planned chains after merging (a fully pruned segment has none)."""
+        return sum(1 for c in self.chains for a, b in c.segments() if c.kept_layers(a, b))
+
+    @property
+    def num_pruned(self) -> int:
+        return sum(len(c.pruned) for c in self.chains)
 
     @property
     def is_exact(self) -> bool:
@@ -248,11 +275,13 @@ class Plan:
         for i, c in enumerate(self.chains):
             merged = [c.block_name(a, b) + (" (borders change)" if c.moved_borders(a, b) else "")
                       for a, b in c.segments() if b - a > 1]
-            rows.append([i, c.name(), c.length, len(c.segments()), f"{len(c.keep)}/{len(c.droppable)}",
-                         "; ".join(merged) or "-"])
-        table = tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks"])
+            rows.append([i, c.name(), c.length, sum(1 for a, b in c.segments() if c.kept_layers(a, b)),
+                         f"{len(c.keep)}/{len(c.droppable)}", "; ".join(merged) or "-",
+                         ", ".join(c.layers[p - 1][0] for p in c.pruned) or "-"])
+        table = tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks", "pruned"])
+        pruned = f", prunes {self.num_pruned} convs" if self.num_pruned else ""
         exact = "exact: equals the original model" if self.is_exact else (
-            f"lossy: drops {sum(len(c.dropped) for c in self.chains)} activations, "
+            f"lossy: drops {sum(len(c.dropped) for c in self.chains)} activations{pruned}, "
             f"{len(self.border_changing())} merges move padding across borders")
         head = (f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs; "
                 f"{exact}")
@@ -266,12 +295,16 @@ class Plan:
         info = self.info
         lossy = {(ci, a, b) for ci, a, b in self.border_changing()}
         rows = [[r["chain"], r["layers"], r["replaces"], r["kernel"], r["groups"],
-                 "borders change" if (r["chain"], *r["block"]) in lossy else "", f"{r['ms']:.3f}"]
+                 "borders change" if (r["chain"], *r["block"]) in lossy else "", ", ".join(r.get("pruned", [])),
+                 f"{r['ms']:.3f}"]
                 for r in info.get("merged", [])]
         pred = info["predicted_ms"]
         scope = "end to end" if info.get("end_to_end") else "chains only: the table has no reference for this model"
         budget = f"; budget {info['budget_ms']:.3f} ms" if info.get("budget_ms") is not None else ""
-        table = tabulate(rows, headers=["chain", "merged conv replaces", "layers", "kernel", "groups", "", "pred. ms"]) \
+        if not any(r[6] for r in rows):
+            rows = [r[:6] + r[7:] for r in rows]
+        headers = ["chain", "merged conv replaces", "layers", "kernel", "groups", "", "pruned", "pred. ms"]
+        table = tabulate(rows, headers=headers if any(len(r) == 8 for r in rows) else headers[:6] + headers[7:]) \
             if rows else "(no merged convs)"
         return (f"{table}\npredicted latency ({scope}): original {pred['original']:.3f} ms -> planned "
                 f"{pred['planned']:.3f} ms ({pred['original'] / pred['planned']:.2f}x faster){budget}")
@@ -327,7 +360,26 @@ def validate_chain(c: ChainPlan, index: int) -> None:
                 raise InvalidPlanError(
                     f"{where}: merged block {c.block_name(a, b)} cuts the residual '{add}' "
                     f"({s}, {t}); end the block at {s} or {t}, or let it contain the whole span")
+        inside = [(s, t, add) for s, t, add in c.skips if a <= s and t <= b]
+        for s1, t1, add1 in inside:
+            for s2, t2, add2 in inside:
+                if s1 < s2 < t1 < t2:
+                    raise InvalidPlanError(
+                        f"{where}: merged block {c.block_name(a, b)} holds the residuals '{add1}' ({s1}, {t1}) and "
+                        f"'{add2}' ({s2}, {t2}), which cross; end a block at a position between {s2} and {t1}")
 
+
+
+def check_prunable(c: ChainPlan, chain: Any, index: int) -> None:
+    """Raise :class:`InvalidPlanError` if the plan prunes a layer the identity cannot replace
+    (``chain`` is the analysis' chain: it knows the layers' shapes)."""
+    for p in c.pruned:
+        if not 0 < p <= c.length:
+            raise InvalidPlanError(f"chain {index} ({c.name()}): pruned layer {p} is not in 1..{c.length}")
+        why = chain.layers[p - 1].prune_blocker()
+        if why is not None:
+            raise InvalidPlanError(f"chain {index} ({c.name()}): conv '{c.layers[p - 1][0]}' cannot be pruned: it "
+                                   f"{why}, which the identity cannot do. Prune only convs that keep every shape.")
 
 
 def _first_difference(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:

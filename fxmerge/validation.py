@@ -67,6 +67,12 @@ def check_choice(name: str, value: Any, choices: Sequence[str],
     return value
 
 
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False; got {_shown(value)}")
+    return value
+
+
 def check_mapping(name: str, value: Any, error: type[FxMergeError] = InvalidArgumentError) -> Mapping:
     if not isinstance(value, Mapping):
         raise error(f"{name} must be a JSON object / dict; got {_shown(value)}")
@@ -130,8 +136,9 @@ def check_batches(name: str, value: Any) -> list:
 
 def check_importance(value: Any) -> Any:
     """``importance``: None, an :class:`~fxmerge.ImportanceTable`, or a mapping
-    ``(chain, i, j) -> score`` with integer keys ``0 <= i < j`` and finite scores. Returns it
-    unchanged."""
+    ``(chain, i, j) -> score`` with integer keys ``0 <= i < j`` and finite scores (pruning
+    options: ``(chain, i, j, pruned layers)``, the layers a tuple of integers in i+1..j).
+    Returns it unchanged."""
     if value is None:
         return None
     from fxmerge.importance import ImportanceTable
@@ -141,13 +148,26 @@ def check_importance(value: Any) -> Any:
         raise InvalidArgumentError(f"importance must be an ImportanceTable or a mapping (chain, i, j) -> score; "
                                    f"got {_shown(value)}")
     for key, score in scores.items():
-        if not (isinstance(key, tuple) and len(key) == 3 and all(is_int(k) for k in key) and 0 <= key[1] < key[2]):
+        if not is_importance_key(key):
             raise InvalidArgumentError(f"importance key {key!r} is not a pair (chain, i, j) of integers with "
-                                       "0 <= i < j (positions of one chain, as in ImportanceTable)")
+                                       "0 <= i < j (positions of one chain, as in ImportanceTable), or a pruning "
+                                       "option (chain, i, j, (pruned layers in i+1..j, ...))")
         if not is_real(score) or not math.isfinite(score):
             raise InvalidArgumentError(f"importance[{key!r}] is {_shown(score)}; every score must be a finite number "
                                        "(re-estimate that pair, or leave it out to forbid it)")
     return value
+
+
+def is_importance_key(key: Any) -> bool:
+    """``(chain, i, j)`` with integers 0 <= i < j, or ``(chain, i, j, pruned)`` with ``pruned``
+    a non-empty sorted tuple of distinct layers in i+1..j."""
+    if not (isinstance(key, tuple) and len(key) in (3, 4) and all(is_int(k) for k in key[:3]) and 0 <= key[1] < key[2]):
+        return False
+    if len(key) == 3:
+        return True
+    pruned = key[3]
+    return (isinstance(pruned, tuple) and len(pruned) > 0 and all(is_int(p) and key[1] < p <= key[2] for p in pruned)
+            and list(pruned) == sorted(set(pruned)))
 
 
 def is_int(value: Any) -> bool:

@@ -91,6 +91,19 @@ class Layer:
     def to_dict(self) -> dict:
         return {"conv": self.conv, "pad": self.pad, "bn": self.bn}
 
+    def prune_blocker(self) -> str | None:
+        """Why replacing this layer (conv, pad and BatchNorm) by the identity would change a
+        shape, or None when it may be pruned (LayerMerge): identity cannot change the channel
+        count, downsample, or grow or shrink the map the way unpadded or over-padded convs do."""
+        g = self.geometry
+        if g.in_channels != g.out_channels:
+            return f"changes channels ({g.in_channels} -> {g.out_channels})"
+        if any(s != 1 for s in g.stride):
+            return f"strided ({'x'.join(map(str, g.stride))})"
+        if any(lo + hi != d * (k - 1) for (lo, hi), d, k in zip(g.padding, g.dilation, g.kernel)):
+            return "changes the map size (its padding is not 'same')"
+        return None
+
 
 @dataclass(frozen=True)
 class Skip:
@@ -116,6 +129,8 @@ class Chain:
     valid_blocks: list[tuple[int, int]] = field(default_factory=list)
     specs: dict[tuple[int, int], ConvGeometry] = field(default_factory=dict)
     input_shapes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
+    # block -> ways to prune layers inside it (filled by passes.pruning when asked for)
+    options: dict[tuple[int, int], list] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -125,6 +140,11 @@ class Chain:
     def droppable(self) -> list[int]:
         """Interior positions whose activation a plan may drop."""
         return sorted(p for p in self.activations if 0 < p < self.length and p not in self.breaks)
+
+    @property
+    def prunable(self) -> list[int]:
+        """Layers (numbered 1..L like positions) a plan may replace by the identity."""
+        return [p for p, layer in enumerate(self.layers, start=1) if layer.prune_blocker() is None]
 
     @property
     def forced(self) -> list[int]:
@@ -164,8 +184,13 @@ class Chain:
 
 def cuts_a_skip(i: int, j: int, skips: Sequence[tuple[int, int]]) -> bool:
     """METHOD.md §3: a block is valid only if every skip span is nested in it or disjoint
-    from it (touching endpoints allowed); forced breaks are handled by the enumeration."""
-    return any(i < s < j < t or s < i < t < j for s, t in skips)
+    from it (touching endpoints allowed), and the spans inside it nest among themselves (two
+    that cross, x2 = f(x1) + x0 and x3 = g(x2) + x1, have no order to compose in); forced
+    breaks are handled by the enumeration."""
+    if any(i < s < j < t or s < i < t < j for s, t in skips):
+        return True
+    inside = [(s, t) for s, t in skips if i <= s and t <= j]
+    return any(s1 < s2 < t1 < t2 for s1, t1 in inside for s2, t2 in inside)
 
 
 @dataclass
@@ -177,6 +202,7 @@ class Analysis:
     limits: BlockLimits
     unmergeable: dict[str, str]  # conv node (or kept-whole module) -> why it is no layer
     inputs: list[dict] = field(default_factory=list)  # example input shapes and dtypes
+    prune_layers: bool = False  # whether chains carry pruning options (passes.pruning)
 
     @property
     def num_layers(self) -> int:
@@ -411,7 +437,7 @@ class _Run:
     blocks of a chain cost O(L^2) instead of O(L^4). Mirrors :func:`algebra.merged_geometry`."""
 
     def __init__(self, chain: Chain, i: int):
-        self.chain, self.i = chain, i
+        self.chain, self.i, self.j = chain, i, i
         first = chain.layers[i].geometry
         ndim = first.ndim
         self.sigma = [1] * ndim  # product of the strides so far, per dimension
@@ -421,9 +447,28 @@ class _Run:
         self.sigma_at: dict[int, list[int]] = {i: [1] * ndim}  # strides before each position
         self.pad_sum: dict[int, list[int]] = {i: [0] * ndim}  # front padding summed up to each position (stride-1 runs)
 
-    def extend(self, j: int) -> ConvGeometry:
-        """Add layer j (the block becomes (i, j]) and return the block's merged geometry."""
-        chain, g = self.chain, self.chain.layers[j - 1].geometry
+    def copy(self) -> "_Run":
+        other = object.__new__(_Run)
+        other.chain, other.i, other.j = self.chain, self.i, self.j
+        other.sigma, other.extent, other.grid = list(self.sigma), list(self.extent), list(self.grid)
+        other.pad = [list(p) for p in self.pad]
+        other.groups, other.macs = self.groups, self.macs
+        other.sigma_at, other.pad_sum = dict(self.sigma_at), dict(self.pad_sum)
+        return other
+
+    def state(self) -> tuple:
+        """Everything later layers' merged geometry depends on: runs with equal states grow
+        into equal geometries (pruning enumerates subsets by merging equal states)."""
+        open_skips = tuple((s.source, tuple(self.sigma_at[s.source]), tuple(self.pad_sum[s.source]))
+                           for s in self.chain.skips if self.i <= s.source <= self.j < s.target)
+        return (tuple(self.sigma), tuple(self.extent), tuple(self.grid), tuple(map(tuple, self.pad)), self.groups,
+                tuple(self.pad_sum[self.j]), open_skips)
+
+    def extend(self, j: int, geometry: ConvGeometry | None = None) -> ConvGeometry:
+        """Add layer j (the block becomes (i, j]) and return the block's merged geometry;
+        ``geometry`` stands in for the layer's own (a pruned layer's is the identity)."""
+        chain, g = self.chain, geometry or self.chain.layers[j - 1].geometry
+        self.j = j
         for d in range(g.ndim):
             step = g.dilation[d] * self.sigma[d]
             self.extent[d] += (g.kernel[d] - 1) * step
@@ -440,8 +485,8 @@ class _Run:
                 for d in range(g.ndim):
                     offset = self.sigma_at[s.source][d] * (self.pad_sum[j][d] - self.pad_sum[s.source][d])
                     self.grid[d] = math.gcd(self.grid[d], offset)
-        if chain.layers[j - 1].output_shape is not None:
-            self.macs += conv_macs(g, chain.layers[j - 1].output_shape)
+        if chain.layers[j - 1].output_shape is not None:  # what the block replaces: the original layers
+            self.macs += conv_macs(chain.layers[j - 1].geometry, chain.layers[j - 1].output_shape)
         first = chain.layers[self.i].geometry
         grid = [gr or 1 for gr in self.grid]
         return ConvGeometry(first.in_channels, g.out_channels, tuple(e // gr + 1 for e, gr in zip(self.extent, grid)),

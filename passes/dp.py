@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -103,49 +103,59 @@ class InfeasibleBudget(ValueError):
 @dataclass(frozen=True)
 class Selection:
     """One solution: kept positions (interior), merge boundaries (interior, ⊇ kept), its
-    latency (the unrounded sum of segment and kept-position costs) and its importance."""
+    latency (the unrounded sum of segment and kept-position costs) and its importance.
+    ``options`` names each segment (i, j] that took an alternative from ``options`` instead
+    of its cheapest cover: ``(i, j, index into options[(i, j)])``."""
 
     kept: tuple[int, ...]
     boundaries: tuple[int, ...]
     latency: float
     importance: float
+    options: tuple[tuple[int, int, int], ...] = ()
 
 
 class _Problem:
-    """Stage-2 inputs on an integer cost grid, shared by :func:`select` and :func:`frontier`."""
+    """Stage-2 inputs on an integer cost grid, shared by :func:`select` and :func:`frontier`.
 
-    def __init__(self, times, importance, length, candidates, position_costs):
+    ``pairs`` are the ways to fill one segment between consecutive kept positions, ordered by
+    end, then start: ``(i, j, cost, importance, option)``, option -1 for the cheapest cover
+    of valid blocks, k >= 0 for ``options[(i, j)][k]``."""
+
+    def __init__(self, times, importance, length, candidates, position_costs, options=None):
         self.topt, self.breaks = optimal_merge_times(times)
         self.length = length
         inner = range(1, length) if candidates is None else sorted(set(candidates))
         self.points = [0] + [p for p in inner if 0 < p < length] + [length]
         costs = position_costs or {}
-        # A segment (i, j] between consecutive kept positions costs its cheapest cover plus
-        # the cost of keeping j (0 and `length` always act as kept and cost nothing here).
-        self.pairs: list[tuple[int, int, float, float]] = []
+        options = options or {}
+        # A segment (i, j] between consecutive kept positions costs its cheapest cover (or an
+        # option's own cost) plus the cost of keeping j (0 and `length` act as kept, cost nothing).
+        self.pairs: list[tuple[int, int, float, float, int]] = []
         for jx, j in enumerate(self.points):
+            keep_j = costs.get(j, 0.0) if j != length else 0.0
             for i in self.points[:jx]:
                 if (i, j) in self.topt and (i, j) in importance:
-                    cost = self.topt[(i, j)] + (costs.get(j, 0.0) if j != length else 0.0)
                     score = _finite(f"importance[{(i, j)}]", importance[(i, j)])
-                    self.pairs.append((i, j, _finite(f"the cost of segment {(i, j)}", cost), score))
-        self.cost_imp = {(i, j): (c, imp) for i, j, c, imp in self.pairs}
+                    self.pairs.append((i, j, _finite(f"the cost of segment {(i, j)}", self.topt[(i, j)] + keep_j),
+                                       score, -1))
+                for k, (cost, score) in enumerate(options.get((i, j), ())):
+                    self.pairs.append((i, j, _finite(f"the cost of option {k} of segment {(i, j)}", cost + keep_j),
+                                       _finite(f"the importance of option {k} of segment {(i, j)}", score), k))
 
     def discretise(self, resolution: float | None, scale: float) -> None:
         """Put every segment cost on the grid, rounded up (default grid: scale / 1000)."""
         if resolution is None:
-            scale = scale if scale > 0 else max((c for _, _, c, _ in self.pairs), default=1.0)
+            scale = scale if scale > 0 else max((c for _, _, c, _, _ in self.pairs), default=1.0)
             resolution = scale / 1000 or 1.0
         check_grid(scale, resolution)
         self.resolution = resolution
-        self.unit = {(i, j): math.ceil(c / self.resolution - 1e-9) for i, j, c, _ in self.pairs}
+        self.unit = [math.ceil(c / self.resolution - 1e-9) for _, _, c, _, _ in self.pairs]
         position = {p: k for k, p in enumerate(self.points)}
-        grouped: dict[int, list[tuple[int, int, float]]] = {}
-        for i, j, _, imp in self.pairs:
-            grouped.setdefault(j, []).append((i, self.unit[(i, j)], imp))
-        self.start_points = {j: [i for i, _, _ in g] for j, g in grouped.items()}
-        self.by_end = [(j, (np.array([position[i] for i, _, _ in g]), np.array([u for _, u, _ in g]),
-                            np.array([imp for _, _, imp in g], dtype=float)))
+        grouped: dict[int, list[int]] = {}
+        for e, (_, j, _, _, _) in enumerate(self.pairs):
+            grouped.setdefault(j, []).append(e)
+        self.by_end = [(j, (np.array([position[self.pairs[e][0]] for e in g]), np.array([self.unit[e] for e in g]),
+                            np.array([self.pairs[e][3] for e in g], dtype=float), np.array(g)))
                        for j, g in sorted(grouped.items())]
 
     def solve(self, budget_units: int):
@@ -161,33 +171,38 @@ class _Problem:
         best[0, :] = 0.0
         budgets = np.arange(width)
         for j, group in self.by_end:  # ends in increasing order, so every D[i] is final
-            starts, units, scores = group
+            starts, units, scores, entries = group
             source = budgets[None, :] - units[:, None]
             values = np.where(source >= 0, best[starts[:, None], np.maximum(source, 0)], -np.inf) + scores[:, None]
             pick = np.argmax(np.round(values, 9), axis=0)
             row = values[pick, budgets]
             best[idx[j]] = row
-            parent[idx[j]] = np.where(np.isfinite(row), np.asarray(self.start_points[j])[pick], -1)
+            parent[idx[j]] = np.where(np.isfinite(row), entries[pick], -1)
         return best[idx[self.length]], parent, idx
 
     def backtrack(self, parent, idx, t: int) -> Selection:
-        kept, p, boundaries = [], self.length, set()
+        kept, p, boundaries, chosen = [], self.length, set(), []
         latency = importance = 0.0
         while p != 0:
-            i = int(parent[idx[p], t])
-            c, imp = self.cost_imp[(i, p)]
+            e = int(parent[idx[p], t])
+            i, _, c, imp, option = self.pairs[e]
             latency, importance = latency + c, importance + imp
-            boundaries.update(self.breaks[(i, p)])
-            t -= self.unit[(i, p)]
+            if option < 0:
+                boundaries.update(self.breaks[(i, p)])
+            else:  # an option fills its segment as one unit
+                boundaries.update((i, p))
+                chosen.append((i, p, option))
+            t -= self.unit[e]
             if i != 0:
                 kept.append(i)
             p = i
-        return Selection(tuple(sorted(kept)), tuple(sorted(boundaries - {0, self.length})), latency, importance)
+        return Selection(tuple(sorted(kept)), tuple(sorted(boundaries - {0, self.length})), latency, importance,
+                         tuple(sorted(chosen)))
 
     def best_unconstrained_latency(self) -> float:
         """Latency of the most important selection (ties: the cheaper one), ignoring budgets."""
         best: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
-        for i, j, c, imp in self.pairs:
+        for i, j, c, imp, _ in self.pairs:
             if i not in best:
                 continue
             cand = (best[i][0] + imp, best[i][1] + c)
@@ -208,9 +223,9 @@ class _Problem:
     def cheapest_units(self) -> int | None:
         """The least rounded cost of any complete selection (None if there is none)."""
         least = {0: 0}
-        for i, j, _, _ in self.pairs:
+        for e, (i, j, _, _, _) in enumerate(self.pairs):
             if i in least:
-                cand = least[i] + self.unit[(i, j)]
+                cand = least[i] + self.unit[e]
                 if cand < least.get(j, cand + 1):
                     least[j] = cand
         return least.get(self.length)
@@ -219,7 +234,7 @@ class _Problem:
         """The greatest unrounded cost of any complete selection (None if there is none): a
         budget above it buys nothing more, so the grid never needs to reach past it."""
         most = {0: 0.0}
-        for i, j, c, _ in self.pairs:  # ordered by end: every start is final when used
+        for i, j, c, _, _ in self.pairs:  # ordered by end: every start is final when used
             if i in most:
                 most[j] = max(most.get(j, -math.inf), most[i] + c)
         return most.get(self.length)
@@ -227,15 +242,15 @@ class _Problem:
     def dearest_units(self) -> int:
         """The greatest rounded cost of any complete selection (one exists)."""
         most = {0: 0}
-        for i, j, _, _ in self.pairs:
+        for e, (i, j, _, _, _) in enumerate(self.pairs):
             if i in most:
-                most[j] = max(most.get(j, -1), most[i] + self.unit[(i, j)])
+                most[j] = max(most.get(j, -1), most[i] + self.unit[e])
         return most[self.length]
 
     def reachable(self) -> set[int]:
         """Positions some sequence of allowed pairs leads to from 0."""
         seen = {0}
-        for i, j, _, _ in self.pairs:  # pairs are ordered by their end, so one pass suffices
+        for i, j, _, _, _ in self.pairs:  # pairs are ordered by their end, so one pass suffices
             if i in seen:
                 seen.add(j)
         return seen
@@ -244,23 +259,29 @@ class _Problem:
 _TOL = 1e-9
 
 
+Options = Mapping[Block, Sequence[tuple[float, float]]]
+
+
 def select(times: Mapping[Block, float], importance: Mapping[Block, float], length: int, budget: float, *,
            candidates: Iterable[int] | None = None, position_costs: Mapping[int, float] | None = None,
-           resolution: float | None = None) -> Selection:
+           resolution: float | None = None, options: Options | None = None) -> Selection:
     """Stage 2: which positions keep their activation, under a latency budget.
 
     Maximises the summed ``importance[(i, j)]`` of consecutive kept positions (0 and
     ``length`` always act as kept; only ``candidates`` may be kept, default all; a pair absent
     from ``importance`` may not be consecutive) subject to the summed cheapest-cover latency of
     the segments plus ``position_costs`` of kept positions, each segment's cost rounded *up* to
-    ``resolution`` (default budget / 1000), being at most ``budget``. Exactly optimal, ties to
+    ``resolution`` (default budget / 1000), being at most ``budget``. ``options[(i, j)]`` are
+    alternatives to the cover for a segment between consecutive kept positions, each a
+    ``(latency, importance)`` pair that fills the whole segment as one unit (LayerMerge's pruned
+    blocks); with them the DP is exact over covers and options alike. Exactly optimal, ties to
     the lower latency, when the costs lie on the resolution grid; never over budget. Raises
     :class:`InfeasibleBudget` with the smallest feasible budget, :class:`NoCover` when no
     sequence of allowed pairs covers 0..length, :class:`GridTooFine` when the budget (or the
     dearest selection, if that is less) spans more than :data:`MAX_GRID_UNITS` grid cells.
     """
     budget = _finite("budget", budget)
-    problem = _Problem(times, importance, length, candidates, position_costs)
+    problem = _Problem(times, importance, length, candidates, position_costs, options)
     dearest = problem.dearest_cost()
     if dearest is None:
         raise problem.no_cover(problem.reachable())
@@ -277,11 +298,12 @@ def select(times: Mapping[Block, float], importance: Mapping[Block, float], leng
 
 def frontier(times: Mapping[Block, float], importance: Mapping[Block, float], length: int, *,
              candidates: Iterable[int] | None = None, position_costs: Mapping[int, float] | None = None,
-             resolution: float | None = None, max_budget: float | None = None) -> list[Selection]:
+             resolution: float | None = None, max_budget: float | None = None,
+             options: Options | None = None) -> list[Selection]:
     """The Pareto frontier of (latency, importance) from one vectorised solve: for every
     budget up to ``max_budget`` (default: the latency of the best unconstrained selection),
     the selection :func:`select` would return, without repeats, cheapest first."""
-    problem = _Problem(times, importance, length, candidates, position_costs)
+    problem = _Problem(times, importance, length, candidates, position_costs, options)
     if max_budget is None:
         max_budget = problem.best_unconstrained_latency()
     max_budget = min(_finite("max_budget", max_budget), problem.dearest_cost())  # not None: a cover exists

@@ -81,8 +81,9 @@ def _is_linearized(gm: Any) -> bool:
 
 def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor] | None = None,
               **trace_kwargs: Any) -> fx.GraphModule:
-    """The model with the plan's activations dropped and each multi-layer segment's padding
-    moved to its first layer (skip inputs padded or cropped to match). BatchNorm stays, so the
+    """The model with the plan's activations dropped, its pruned convs (with their BatchNorm)
+    replaced by the identity, and each multi-layer segment's padding moved to its first kept
+    layer (skip inputs padded or cropped to match). BatchNorm stays, so the
     result trains (call ``.train()``; it comes back in eval mode); ``merge(result, plan)`` equals
     it in eval mode up to float error.
 
@@ -107,10 +108,38 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
             act = nodes.pop(chain.activations[p])
             act.replace_all_uses_with(act.args[0])
             gm.graph.erase_node(act)
+        # each segment's input (a merged conv reads it directly), followed through pruning
+        starts = {a: nodes[chain.layers[a][1] or chain.layers[a][0]].args[0].name for a, _ in chain.segments()}
+        renamed: dict[str, str] = {}
+        for p in chain.pruned:
+            geometries[p - 1] = ConvGeometry.identity(geometries[p - 1].in_channels, geometries[p - 1].ndim)
+            gone, now = _prune_layer(gm, nodes, chain.layers[p - 1])
+            renamed[gone] = now
         for a, b in chain.segments():
-            segments.append(_linearize_segment(gm, nodes, chain, a, b, geometries[a:b]))
+            if chain.kept_layers(a, b):  # a fully pruned segment is gone (its residual adds stay: x + x)
+                start = _follow(renamed, starts[a])
+                segments.append(_linearize_segment(gm, nodes, chain, a, b, geometries[a:b], start))
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "segments": segments}
     return _finish(gm)
+
+
+def _prune_layer(gm: fx.GraphModule, nodes: dict[str, fx.Node], layer: tuple) -> tuple[str, str]:
+    """Replace a layer (pad, conv and BatchNorm calls) by the identity: its users read its input.
+    Only these calls go; a module they called stays for its other calls. Returns the names of
+    the layer's output node (gone) and of the node that now stands for it."""
+    conv, pad, bn = layer
+    source, out = nodes[pad or conv].args[0], nodes[bn or conv]
+    out.replace_all_uses_with(source)
+    gone = out.name
+    _erase_dead(gm.graph, out, keep=source, nodes=nodes)
+    return gone, source.name
+
+
+def _follow(renamed: dict[str, str], name: str) -> str:
+    """The node that now stands for node ``name`` after some were replaced."""
+    while name in renamed:
+        name = renamed[name]
+    return name
 
 
 def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
@@ -132,49 +161,62 @@ def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
 
 
 def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ChainPlan, a: int, b: int,
-                       geoms: list[ConvGeometry]) -> dict:
+                       geoms: list[ConvGeometry], start: str) -> dict:
+    """Move a segment's padding and record what ``merge`` needs: its input node and the
+    padding in front of it, its layers (pruned ones compose as the identity), nested skips
+    with their kernel offsets, and its last node."""
     layers = [list(l) for l in chain.layers[a:b]]
+    kept = [p - a - 1 for p in chain.kept_layers(a, b)]  # indices into layers
     skips = [(s - a, t - a, add) for s, t, add in chain.skips if a <= s and t <= b]
     offsets = algebra.skip_offsets(geoms, [(s, t) for s, t, _ in skips])
     if b - a > 1:
-        _move_padding(gm, nodes, layers, geoms, skips)
-    last_conv, _, last_bn = chain.layers[b - 1]
-    end = next((add for _, t, add in skips if t == b - a), last_bn or last_conv)
+        _move_padding(gm, nodes, layers, kept, geoms, skips)
+    # the segment's map is computed last by the last kept layer or a residual add after it
+    ends = {t: add for _, t, add in skips}
+    last = max([k + 1 for k in kept] + list(ends))
+    conv, _, bn = layers[last - 1]
     return {
+        "start": start,
+        "front": [list(p) for p in algebra.padding_enlargement(geoms)[0]],
         "layers": layers,
+        "pruned": [[k, geoms[k].in_channels] for k in range(b - a) if k not in kept],
         "skips": [[s, t, add, list(offsets[t][1])] for s, t, add in skips],
-        "end": end,
+        "end": ends.get(last, bn or conv),
     }
 
 
-def _move_padding(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[list], geoms: list[ConvGeometry],
-                  skips: list[tuple[int, int, str]]) -> None:
-    """Put the whole segment's padding in front of its first conv and re-align skip inputs."""
+def _move_padding(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[list], kept: list[int],
+                  geoms: list[ConvGeometry], skips: list[tuple[int, int, str]]) -> None:
+    """Put the whole segment's padding in front of its first kept conv (pruned layers before it
+    are identities) and re-align skip inputs."""
     graph, ndim = gm.graph, geoms[0].ndim
-    for layer in layers:
-        conv, pad = nodes[layer[0]], layer[1]
+    for k in kept:
+        conv, pad = nodes[layers[k][0]], layers[k][1]
         if pad is not None:
             pad_node = nodes.pop(pad)
             pad_node.replace_all_uses_with(pad_node.args[0])
             graph.erase_node(pad_node)
-            layer[1] = None
+            layers[k][1] = None
         _set_conv_padding(gm, conv, (0,) * ndim)
     enlargement = algebra.padding_enlargement(geoms)
-    front, first = enlargement[0], nodes[layers[0][0]]
+    front, first = enlargement[0], nodes[layers[kept[0]][0]]
     if algebra.is_symmetric(front):
         _set_conv_padding(gm, first, tuple(lo for lo, _ in front))
     elif any(lo or hi for lo, hi in front):
         pad_node = _insert_pad(graph, first, first.args[0], front, f"fxmerge_pad_{first.name}")
         first.replace_input_with(first.args[0], pad_node)
         nodes[pad_node.name] = pad_node
-        layers[0][1] = pad_node.name
+        layers[kept[0]][1] = pad_node.name
+
+    def enlarged(q: int) -> Pads:  # maps up to the first kept conv's input are not padded
+        return enlargement[q] if q > kept[0] else ((0, 0),) * ndim
+
     for s, t, add_name in skips:
         add = nodes[add_name]
-        source_enl = enlargement[s] if s > 0 else ((0, 0),) * ndim  # x_a itself is not padded
-        adjust = tuple((et[0] - es[0], et[1] - es[1]) for et, es in zip(enlargement[t], source_enl))
+        adjust = tuple((et[0] - es[0], et[1] - es[1]) for et, es in zip(enlarged(t), enlarged(s)))
         if all(lo == 0 and hi == 0 for lo, hi in adjust):
-            continue
-        conv, _, bn = layers[t - 1]
+            continue  # (always so when the span keeps no conv: nothing in it pads)
+        conv, _, bn = layers[max(k for k in kept if s <= k < t)]
         main = nodes[bn or conv]
         operands = patterns.add_operands(add)
         source = operands[1] if patterns.source(gm, operands[0]) is main else operands[0]
@@ -196,9 +238,10 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
     """
     model = unwrap(model)
     gm = linearize(model, plan, example_inputs=example_inputs, **trace_kwargs)
-    nodes = _nodes(gm)
+    nodes, renamed = _nodes(gm), {}
     for segment in gm.meta[RECORD]["segments"]:
-        _merge_segment(gm, nodes, segment)
+        gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment["start"]))
+        renamed[gone] = now
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True, "plan_json": plan.to_dict()}
     return _finish(gm)
 
@@ -215,7 +258,11 @@ def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) 
         return None if t is None else t.detach().to(COMPOSE_DTYPE)
 
     convs = []
-    for conv, _, bn in segment["layers"]:
+    pruned = dict(segment.get("pruned", []))
+    for k, (conv, _, bn) in enumerate(segment["layers"]):
+        if k in pruned:  # the identity, as a depthwise 1x..x1 conv
+            convs.append(_identity_conv(pruned[k], gm, nodes, segment))
+            continue
         call = patterns.conv_call(gm, nodes[conv])[0]
         weight, bias = tensor(call.weight_target), tensor(call.bias_target)
         if bn is not None:
@@ -226,25 +273,43 @@ def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) 
     return algebra.compose_run(convs, [(s, t, offset) for s, t, _, offset in segment["skips"]])
 
 
-def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> None:
-    layers = segment["layers"]
+def _identity_conv(channels: int, gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> algebra.Conv:
+    kept = _kept(segment)
+    ref = patterns.get_tensor(gm, patterns.conv_call(gm, nodes[kept[0][0]])[0].weight_target)
+    ndim = ref.dim() - 2
+    weight = torch.ones((channels, 1) + (1,) * ndim, dtype=COMPOSE_DTYPE, device=ref.device)
+    return algebra.Conv(weight, None, (1,) * ndim, (1,) * ndim, channels)
+
+
+def _kept(segment: dict) -> list:
+    pruned = {k for k, _ in segment.get("pruned", [])}
+    return [layer for k, layer in enumerate(segment["layers"]) if k not in pruned]
+
+
+def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict, start: str) -> tuple[str, str]:
+    """Replace a linearized segment by one conv reading ``start`` (the segment's input node);
+    returns the names of the segment's last node (gone) and of the merged conv."""
+    layers = _kept(segment)
     first = nodes[layers[0][0]]
     weight_dtype = patterns.get_tensor(gm, patterns.conv_call(gm, first)[0].weight_target).dtype
     state = _merged_state(gm, nodes, segment)
     weight, bias, dilation = algebra.finalize(state)
     weight, bias = weight.to(weight_dtype), bias.to(weight_dtype)
-    geom = patterns.conv_call(gm, first)[0].geometry  # its padding is the whole segment's
-    source, padding = first.args[0], tuple(lo for lo, _ in geom.padding)
+    front = tuple(tuple(p) for p in segment["front"])  # the whole segment's padding, before its input
+    source, padding = nodes[start], tuple(lo for lo, _ in front)
     end = nodes[segment["end"]]
-    if not algebra.is_symmetric(geom.padding):  # e.g. padding="same" with an even kernel
-        source = _insert_pad(gm.graph, end, source, geom.padding, f"fxmerge_pad_{first.name}_merged")
-        padding = (0,) * geom.ndim
+    if not algebra.is_symmetric(front):  # e.g. padding="same" with an even kernel
+        source = _insert_pad(gm.graph, end, source, front, f"fxmerge_pad_{first.name}_merged")
+        padding = (0,) * len(front)
     name = _module_name(gm, layers)
     gm.add_submodule(name, make_conv(weight, bias, state.stride, padding, dilation, state.groups))
     with gm.graph.inserting_before(end):
         merged = gm.graph.create_node("call_module", name, (source,), name=name)
+    nodes[merged.name] = merged
     end.replace_all_uses_with(merged)
+    gone = end.name
     _erase_dead(gm.graph, end, keep=merged.args[0], nodes=nodes)
+    return gone, merged.name
 
 
 def _module_name(gm: fx.GraphModule, layers: list) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxmerge
+from fxmerge.algebra import ConvGeometry, merged_geometry
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
@@ -196,8 +198,10 @@ def check_exact(model: nn.Module, inputs: tuple, *, dtype=torch.float32, plans=(
     analysis = fxmerge.analyze(model, inputs, **analyze_kwargs)
     check_equals_original(model, inputs, analysis, dtype, **_trace_kwargs(analyze_kwargs))
     out = Checked(analysis, {}, {}, {})
+    if any(c.prunable for c in analysis.chains):
+        plans = (*plans, "random_prune")  # every exactness check also prunes (LayerMerge)
     for kind in plans:
-        plan = getattr(fxmerge.Plan, kind)(analysis)
+        plan = random_prune_plan(analysis) if kind == "random_prune" else getattr(fxmerge.Plan, kind)(analysis)
         lin = fxmerge.linearize(model, plan, **_trace_kwargs(analyze_kwargs)).eval()
         merged = fxmerge.merge(model, plan, **_trace_kwargs(analyze_kwargs)).eval()
         for gm in (lin, merged):
@@ -219,14 +223,38 @@ def check_exact(model: nn.Module, inputs: tuple, *, dtype=torch.float32, plans=(
     return out
 
 
+def random_prune_plan(analysis: fxmerge.Analysis, seed: int = 0) -> fxmerge.Plan:
+    """About half the droppable activations kept and half the prunable convs pruned, at
+    random (seeded), merged as far as valid."""
+    rng = random.Random(seed + analysis.num_layers)
+    choice = {c.index: ([p for p in c.droppable if rng.random() < 0.5], None) for c in analysis.chains}
+    pruned = {c.index: [p for p in c.prunable if rng.random() < 0.5] for c in analysis.chains}
+    return fxmerge.Plan.from_positions(analysis, choice, lossy=True, pruned=pruned)
+
+
+def segment_spec(chain, cp: fxmerge.plans.ChainPlan, a: int, b: int):
+    """The merged geometry of segment (a, b] with the plan's pruned layers as identities."""
+    if not cp.pruned:
+        return chain.specs[(a, b)]
+    geoms = [ConvGeometry.identity(l.geometry.in_channels, l.geometry.ndim) if p in cp.pruned else l.geometry
+             for p, l in enumerate(chain.layers[a:b], start=a + 1)]
+    return merged_geometry(geoms, [(s.source - a, s.target - a) for s in chain.skips if a <= s.source and s.target <= b])
+
+
 def _assert_specs_match(analysis: fxmerge.Analysis, plan: fxmerge.Plan, merged: fx.GraphModule) -> None:
-    """The geometry the analysis predicts for each block is the conv merge really builds."""
+    """The geometry the analysis predicts for each block is the conv merge really builds (and
+    a fully pruned segment builds none)."""
     modules = dict(merged.named_modules())
     for chain, cp in zip(analysis.chains, plan.chains):
         for a, b in cp.segments():
-            first, last = cp.layers[a][0], cp.layers[b - 1][0]
-            name = f"folded__{first}" if a + 1 == b else f"merged__{first}__to__{last}"
-            spec, conv = chain.specs[(a, b)], modules[name]
+            kept = cp.kept_layers(a, b)
+            if not kept:
+                gone = {cp.layers[p - 1][0] for p in range(a + 1, b + 1)}
+                assert not any(gone & set(name.split("__")[1:]) for name in modules), f"{gone} still built"
+                continue
+            first, last = cp.layers[kept[0] - 1][0], cp.layers[kept[-1] - 1][0]
+            name = f"folded__{first}" if first == last else f"merged__{first}__to__{last}"
+            spec, conv = segment_spec(chain, cp, a, b), modules[name]
             assert (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), conv.groups) == (
                 spec.kernel, spec.stride, spec.dilation, spec.groups), f"{name}: {conv} vs {spec}"
 
