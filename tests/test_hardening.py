@@ -536,6 +536,8 @@ def test_a_complete_cached_table_works_from_a_read_only_folder(tmp_path, tiny, t
     ("mobilenet_v9", "unknown model 'mobilenet_v9' (did you mean mobilenet_v2"),
 ])
 def test_cli_model_spec_typos_are_clear_errors(capsys, spec, message):
+    if spec.startswith("timm:"):
+        pytest.importorskip("timm")  # without timm the message is the install hint, tested below
     code, _, err = run_cli(capsys, "analyze", spec, "--input-shape", "1,3,16,16")
     assert code == 2 and err.startswith(f"fxmerge: error: {message}"), err
 
@@ -577,6 +579,13 @@ def test_cli_output_into_a_missing_folder_is_refused_before_measuring(capsys, tm
                            "--input-shape", "1,3,8,8", "--cache-dir", str(tmp_path))
     assert code == 2 and err == f"fxmerge: error: -o {target}: the folder '{target.parent}' does not exist; " \
                                 "create it first\n"
+
+
+def test_cli_timm_model_without_timm_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` fail as if it were not installed
+    code, _, err = run_cli(capsys, "analyze", "timm:resnet18", "--input-shape", "1,3,16,16")
+    assert code == 2 and err == "fxmerge: error: MODEL 'timm:resnet18' needs timm, which is not installed: " \
+                                "pip install timm\n"
 
 
 def test_cli_accepts_timm_models_and_checkpoints(capsys, tmp_path):
