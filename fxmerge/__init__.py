@@ -20,6 +20,7 @@ from fxmerge.artifacts import load, save
 from fxmerge.api import analyze, compress, plan_of, reparameterize
 from fxmerge.errors import (EnvironmentMismatchError, FxMergeError, InvalidArgumentError, InvalidPlanError,
                              MalformedFileError, PlanMismatchError, TraceFailedError, UnsupportedModelError)
+from fxmerge.distill import distill_finetune, kd_loss
 from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable, MissingLatencyError
 from fxmerge.planning import InfeasibleBudgetError, frontier, plan
@@ -34,7 +35,7 @@ __all__ = [
     "Analysis", "BACKENDS", "Backend", "BlockLimits", "Chain", "ChainPlan", "ConvGeometry", "EnvironmentMismatchError", "FxMergeError",
     "ImportanceTable", "InfeasibleBudgetError", "InvalidArgumentError", "InvalidPlanError", "MalformedFileError",
     "UnsupportedModelError", "VerificationError", "LatencyTable", "MissingLatencyError", "Plan", "PlanMismatchError", "TraceFailedError",
-    "activation_registry", "analyze", "compress", "frontier", "linearize", "load", "measure_latency", "merge", "plan", "plan_of",
+    "activation_registry", "analyze", "compress", "distill_finetune", "frontier", "kd_loss", "linearize", "load", "measure_latency", "merge", "plan", "plan_of",
     "register_activation", "register_backend", "reparameterize", "save", "unregister_activation",
 ]
 __version__ = "0.1.0"

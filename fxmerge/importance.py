@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from fxmerge.api import analyze
+from fxmerge.distill import KD_WEIGHT, TEMPERATURE, finetuning, split_batch
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
 from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.analysis import Analysis
@@ -86,34 +87,14 @@ def pair_plan(analysis: Analysis, pair: Pair) -> Plan:
 
 
 def sgd_finetune(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 1e-5, loss_fn: Callable = F.cross_entropy) -> Callable[[nn.Module], None]:
+                 weight_decay: float = 1e-5, loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
+                 kd_weight: float = KD_WEIGHT, temperature: float = TEMPERATURE) -> Callable[[nn.Module], None]:
     """A ``train_fn``: ``steps`` SGD steps (Nesterov, cosine-decayed lr, as the paper) over
-    ``(inputs, targets)`` batches from ``data``, cycled as needed."""
-
-    check_count("steps", steps, hint="SGD steps per candidate, e.g. 100")
-    check_number("lr", lr, minimum=0, strict=True, hint="the SGD learning rate, e.g. 0.01")
-
-    def train(module: nn.Module) -> None:
-        module.train()
-        opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        done = 0
-        while done < steps:
-            before = done
-            for inputs, targets in data:
-                opt.zero_grad()
-                loss_fn(module(inputs), targets).backward()
-                opt.step()
-                sched.step()
-                done += 1
-                if done == steps:
-                    break
-            if done == before:  # an empty dataset, or a generator already used up: it would never end
-                raise InvalidArgumentError("data yielded no (inputs, targets) batches; give a list or a DataLoader "
-                                           "(a generator is used up after one pass)")
-        module.eval()
-
-    return train
+    ``(inputs, targets)`` batches from ``data``, cycled as needed. With ``teacher`` (the
+    original model), knowledge distillation as :func:`fxmerge.distill.kd_loss` describes, and
+    unlabeled batches (input tensors) train on the KD term alone."""
+    return finetuning(data, steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay, task_loss=loss_fn,
+                      teacher=teacher, kd_weight=kd_weight, temperature=temperature)
 
 
 def accuracy(data: Iterable) -> Callable[[nn.Module], float]:
@@ -205,27 +186,30 @@ class ImportanceTable:
                  train_fn: Callable[[nn.Module], None] | None = None, data: Iterable | None = None,
                  steps: int = 100, lr: float = 0.01, pairs: Sequence[Pair] | None = None,
                  path: str | os.PathLike | None = None, progress: bool | None = None, seed: int = 0,
-                 analysis: Analysis | None = None, **trace_kwargs: Any) -> "ImportanceTable":
+                 analysis: Analysis | None = None, distill: bool = False, kd_weight: float = KD_WEIGHT,
+                 temperature: float = TEMPERATURE, **trace_kwargs: Any) -> "ImportanceTable":
         """Fine-tune-and-score each candidate pair (the paper's protocol).
 
         ``train_fn(module)`` fine-tunes a linearized candidate in place (or give ``data``, an
         iterable of ``(inputs, targets)``, for the built-in :func:`sgd_finetune`);
         ``eval_fn(module) -> float`` scores it, higher is better. Each entry is
-        ``eval_fn(tuned candidate) - eval_fn(original)``. Every pair is trained from the same
-        seed, so results do not depend on sharding. ``analysis=fxmerge.analyze(...,
+        ``eval_fn(tuned candidate) - eval_fn(original)``. Pair k is trained from seed
+        ``seed + k``, so results do not depend on sharding. ``analysis=fxmerge.analyze(...,
         prune_layers=True)`` also scores every pruning option.
+
+        ``distill=True`` makes the built-in fine-tuning distil from ``model`` (a frozen copy):
+        ``kd_weight`` and ``temperature`` as :func:`fxmerge.distill.kd_loss`; ``data`` may then
+        be unlabeled (input tensors), trained on the KD term alone.
         """
         example_inputs = check_inputs("example_inputs", example_inputs)
         _check_callable("eval_fn", eval_fn, "a function module -> score (higher is better)")
         check_count("seed", seed, minimum=0)
         settings: dict[str, Any] = {"eval_fn": _callable_name(eval_fn), "seed": seed}
         if train_fn is None:
-            if data is None:
-                raise InvalidArgumentError("estimate needs train_fn=..., or data=... for the built-in SGD fine-tuning")
-            if isinstance(data, Sized) and len(data) == 0:
-                raise InvalidArgumentError("data is empty: give at least one (inputs, targets) batch")
-            train_fn = sgd_finetune(data, steps=steps, lr=lr)
-            settings.update(train_fn="fxmerge sgd_finetune", steps=steps, lr=lr, data=_batches_summary(data))
+            train_fn = _builtin_finetune(model, data, steps, lr, distill, kd_weight, temperature, settings)
+        elif distill:
+            raise InvalidArgumentError("distill=True applies to the built-in fine-tuning (data=...); with your own "
+                                       "train_fn, distil inside it, e.g. train_fn=fxmerge.distill_finetune(model, data)")
         else:
             _check_callable("train_fn", train_fn, "a function that fine-tunes a module in place")
             settings["train_fn"] = _callable_name(train_fn)
@@ -453,6 +437,28 @@ def _check_pairs(pairs: Sequence[Pair] | None, analysis: Analysis) -> list[Pair]
                                        "fxmerge.importance.candidate_pairs(analysis) lists them")
         out.append(pair)
     return out
+
+
+def _builtin_finetune(model: nn.Module, data: Iterable | None, steps: int, lr: float, distill: bool,
+                      kd_weight: float, temperature: float, settings: dict) -> Callable[[nn.Module], None]:
+    """estimate's built-in fine-tuning (:func:`sgd_finetune`, distilling from ``model`` with
+    ``distill``), its settings recorded in ``settings``; unlabeled data without ``distill`` is
+    refused before anything is trained."""
+    if data is None:
+        raise InvalidArgumentError("estimate needs train_fn=..., or data=... for the built-in SGD fine-tuning")
+    if isinstance(data, Sized) and len(data) == 0:
+        raise InvalidArgumentError("data is empty: give at least one (inputs, targets) batch")
+    if not isinstance(distill, bool):
+        raise InvalidArgumentError(f"distill must be True or False; got {distill!r}")
+    if not distill and isinstance(data, (list, tuple)) and split_batch(data[0])[1] is None:
+        raise InvalidArgumentError("data holds batches without targets: pass distill=True to fine-tune on the "
+                                   "original model's outputs (knowledge distillation), or give (inputs, targets) batches")
+    train_fn = sgd_finetune(data, steps=steps, lr=lr, teacher=model if distill else None, kd_weight=kd_weight,
+                            temperature=temperature)
+    settings.update(train_fn="fxmerge sgd_finetune", steps=steps, lr=lr, data=_batches_summary(data))
+    if distill:  # recorded only when on, so files made before distillation existed still resume
+        settings.update(distill=True, kd_weight=kd_weight, temperature=temperature)
+    return train_fn
 
 
 def _finite_score(value: Any, what: str) -> float:
