@@ -5,6 +5,7 @@ backend and corrected until they meet the budget (:mod:`fxmerge.calibration`).""
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -261,6 +262,16 @@ def _spread(plans: list[Plan], count: int) -> list[Plan]:
     return [plans[i] for i in sorted(picked)]
 
 
+def _warn_if_options_unscored(analysis: Analysis, importance: Mapping) -> None:
+    """Pruning options without an importance entry are not offered to the DP: say so when that
+    is all of them (importance estimated on an analysis without pruning options)."""
+    has_options = any(chain.options for chain in analysis.chains)
+    if has_options and not any(len(key) == 4 for key in importance):
+        warnings.warn("prune_layers=True, but the importance has no entries for pruning options, so no conv will be "
+                      "pruned: estimate it with analysis=fxmerge.analyze(model, inputs, prune_layers=True), or plan "
+                      "without importance", stacklevel=3)
+
+
 def _planner(model, table, importance, example_inputs, resolution, measure_missing, analysis, backend,
              trace_kwargs, prune_layers: bool = False) -> tuple[_Planner, Analysis, tuple]:
     """Arguments checked, the model analysed, the table completed if asked, importance
@@ -287,6 +298,8 @@ def _planner(model, table, importance, example_inputs, resolution, measure_missi
     if importance is not None and hasattr(importance, "extend"):  # an ImportanceTable: extend to every pair
         _check_importance_model(importance, analysis)
         importance = importance.extend(analysis)
+    if prune_layers and importance is not None:
+        _warn_if_options_unscored(analysis, importance)
     return _Planner(table, analysis, importance, resolution, prune_layers), analysis, example_inputs
 
 

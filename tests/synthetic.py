@@ -3,6 +3,7 @@ must not depend on how fast (or how loaded) the machine running them is."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from typing import Callable
 
@@ -43,6 +44,13 @@ def table_for(analysis: fxmerge.Analysis, inputs: tuple[torch.Tensor, ...], conv
 def merging_pays_table(analysis: fxmerge.Analysis, inputs: tuple[torch.Tensor, ...], **kwargs) -> fxmerge.LatencyTable:
     """Every conv, merged or not, costs 1 ms: merging n layers saves n - 1 ms."""
     return table_for(analysis, inputs, lambda key: 1.0, **kwargs)
+
+
+def kernel_area_ms(key: str) -> float:
+    """A made-up conv time that grows with the kernel, as merged kernels' do (so pruning a conv
+    out of a merged segment pays)."""
+    kernel = key.split(" k=")[1].split()[0]
+    return 0.1 * math.prod(int(k) for k in kernel.split("x"))
 
 
 def random_table(analysis: fxmerge.Analysis, inputs: tuple[torch.Tensor, ...], rng: random.Random,

@@ -71,7 +71,7 @@ def test_extension_splits_only_where_nothing_can_be_kept():
 def test_mobilenet_v2_default_pair_count_is_practical():
     import torchvision
 
-    analysis = fxmerge.analyze(torchvision.models.mobilenet_v2(), (torch.randn(1, 3, 224, 224),))
+    analysis = fxmerge.analyze(torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 224, 224),))
     assert len(candidate_pairs(analysis)) == 246  # the count the docs quote; the paper measured 315
     assert len(ImportanceTable({p: 0.0 for p in candidate_pairs(analysis)}).extend(analysis)) == 630
 

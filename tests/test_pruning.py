@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 
 import pytest
@@ -20,7 +19,7 @@ from fxmerge.cost import CostModel
 from fxmerge.importance import ImportanceTable, candidate_pairs
 from fxmerge.passes import dp
 from fxmerge.passes.pruning import block_options, pruned_spec
-from synthetic import random_table, table_for
+from synthetic import kernel_area_ms, random_table, table_for
 from test_backends import Fake  # noqa: F401  (the fake backend's fixture below)
 from test_latency_and_plan import X, tiny_mbv2
 
@@ -409,12 +408,9 @@ def test_importance_scores_every_option_and_round_trips(tmp_path):
     table = table_for(analysis, (X,), lambda key: 1.0)
     plan = fxmerge.plan(model, table, budget=0.5, importance=loaded, example_inputs=(X,), prune_layers=True)
     assert plan.info["predicted_ms"]["planned"] <= 0.5 * plan.info["original_ms"] + 1e-9
-
-
-def _kernel_area_ms(key: str) -> float:
-    """A made-up conv time that grows with the kernel, as merged kernels' do."""
-    kernel = key.split(" k=")[1].split()[0]
-    return 0.1 * math.prod(int(k) for k in kernel.split("x"))
+    depth_only = ImportanceTable.calibrate(model, [X], progress=False)  # no option entries: nothing can be pruned
+    with pytest.warns(UserWarning, match="no entries for pruning options, so no conv will be pruned"):
+        fxmerge.plan(model, table, budget=0.5, importance=depth_only, example_inputs=(X,), prune_layers=True)
 
 
 def test_cli_plans_with_pruning(tmp_path, capsys):
@@ -422,7 +418,7 @@ def test_cli_plans_with_pruning(tmp_path, capsys):
 
     analysis = fxmerge.analyze(tiny_mbv2(), (X,), prune_layers=True)
     path = tmp_path / "t.json"
-    table = table_for(analysis, (X,), _kernel_area_ms)
+    table = table_for(analysis, (X,), kernel_area_ms)
     table.save(path)
     with pytest.raises(fxmerge.InfeasibleBudgetError) as depth_only:
         fxmerge.plan(tiny_mbv2(), table, budget_ms=1e-3, example_inputs=(X,))
