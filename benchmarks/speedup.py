@@ -15,6 +15,10 @@ With ``--verify`` each budget is also planned with ``verify=True`` (plan, measur
 re-plan; the rounds are reported), and the verified models are timed in the same final
 interleaved run as the others: "meets" says whether each measured within 3 % of its budget.
 
+With ``--prune-layers`` the table also prices pruning options and every budget is planned twice,
+depth-only and with ``prune_layers=True`` ("pruned"), both timed in the same interleaved run;
+the smallest feasible budget of each is reported. ``--save-tables DIR`` keeps the tables.
+
 Timing uses 1 thread by default: on this shared 2-vCPU machine the second vCPU is
 intermittently taken, and 2-thread timings of many-small-op models then swing by up to 70 %.
 """
@@ -47,25 +51,35 @@ MODELS = {
 }
 
 
-def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...], verify: bool) -> tuple[list, dict]:
+def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...], verify: bool,
+        prune: bool = False, save_tables: str | None = None) -> tuple[list, dict]:
     model = MODELS[name]().eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    table = fxmerge.LatencyTable.measure(model, (x,), backend=backend)
+    path = None if save_tables is None else f"{save_tables}/{name}-{backend}{'-prune' if prune else ''}.json"
+    table = fxmerge.LatencyTable.measure(model, (x,), backend=backend, prune_layers=prune, path=path)
     table_s = time.perf_counter() - start
-    analysis = fxmerge.analyze(model, (x,), limits=table.block_limits())
+    analysis = fxmerge.analyze(model, (x,), limits=table.block_limits(), prune_layers=prune)
     folded = fxmerge.Plan.fold_only(analysis)
     modules, plans, rows, record = {"original": fxmerge.merge(model, folded)}, {}, [], {"table_s": table_s}
+    modes = (False, True) if prune else (False,)
+    for pruned in modes:
+        try:
+            fxmerge.plan(model, table, budget_ms=1e-6, example_inputs=(x,), analysis=analysis, prune_layers=pruned)
+        except fxmerge.InfeasibleBudgetError as exc:
+            original = fxmerge.plan(model, table, example_inputs=(x,), analysis=analysis).info["original_ms"]
+            record["smallest budget" + (" pruned" if pruned else "")] = exc.smallest_ms / original
     for budget in budgets:
-        for verified in ((False, True) if verify else (False,)):
-            label = f"{budget:g}" + (" verified" if verified else "")
-            try:
-                chosen = fxmerge.plan(model, table, budget=budget, example_inputs=(x,), analysis=analysis,
-                                      verify=verified)
-            except (fxmerge.InfeasibleBudgetError, fxmerge.VerificationError) as exc:
-                rows.append([name, backend, label, "-", "-", "-", "-", "-", "-", "-", str(exc).split(". ")[0]])
-                continue
-            plans[label], modules[label] = chosen, fxmerge.merge(model, chosen)
+        for pruned in modes:
+            for verified in ((False, True) if verify else (False,)):
+                label = f"{budget:g}" + (" pruned" if pruned else "") + (" verified" if verified else "")
+                try:
+                    chosen = fxmerge.plan(model, table, budget=budget, example_inputs=(x,), analysis=analysis,
+                                          verify=verified, prune_layers=pruned)
+                except (fxmerge.InfeasibleBudgetError, fxmerge.VerificationError) as exc:
+                    rows.append([name, backend, label, "-", "-", "-", "-", "-", "-", "-", str(exc).split(". ")[0]])
+                    continue
+                plans[label], modules[label] = chosen, fxmerge.merge(model, chosen)
     timings = compare_latency(modules, (x,), backend=backend, rounds=5, repeats=15)
     base = timings["original"].ms
     original_pred = fxmerge.plan(model, table, example_inputs=(x,), analysis=analysis).info["predicted_ms"]["original"]
@@ -83,7 +97,10 @@ def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...], v
                     f"{100 * (pred_speedup - speedup) / speedup:+.1f}%", note])
         record[label] = {"predicted_ms": pred, "measured_ms": meas, "original_ms": base,
                          "predicted_speedup": pred_speedup, "speedup": speedup,
-                         "rounds": chosen.info.get("verify")}
+                         "rounds": chosen.info.get("verify"), "pruned": chosen.num_pruned}
+    for key in ("smallest budget", "smallest budget pruned"):
+        if key in record:
+            out.append([name, backend, key, "-", "-", "-", "-", "-", "-", "-", f"{record[key]:.3f} of the original"])
     return out + rows, record
 
 
@@ -93,6 +110,8 @@ def main() -> None:
     parser.add_argument("--backends", default="eager,inductor,onnxruntime")
     parser.add_argument("--budgets", default="0.8,0.6,0.4")
     parser.add_argument("--verify", action="store_true", help="also plan with verify=True")
+    parser.add_argument("--prune-layers", action="store_true", help="also plan with prune_layers=True (LayerMerge)")
+    parser.add_argument("--save-tables", help="a folder to keep the measured tables in")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--input-shape", default="1,3,224,224")
     parser.add_argument("--json", help="write every number to this file too")
@@ -105,7 +124,8 @@ def main() -> None:
                "speed-up", "speed-up error", ""]
     for backend in args.backends.split(","):
         for name in args.models.split(","):
-            new_rows, records[f"{name}/{backend}"] = run(name, backend, budgets, shape, args.verify)
+            new_rows, records[f"{name}/{backend}"] = run(name, backend, budgets, shape, args.verify,
+                                                         args.prune_layers, args.save_tables)
             rows += new_rows
             print(tabulate(rows, headers=headers), flush=True)
             print()

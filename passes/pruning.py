@@ -135,7 +135,10 @@ def _allowed(chain: Chain, limits: BlockLimits, i: int, j: int, spec: ConvGeomet
 def pruned_spec(chain: Chain, a: int, b: int, pruned: Iterable[int]) -> ConvGeometry | None:
     """The merged geometry of block (a, b] with layers ``pruned`` replaced by the identity
     (None when none is left: the block is the identity)."""
-    pruned = set(pruned)
+    pruned = tuple(sorted(set(pruned)))
+    for option in chain.options.get((a, b), ()):  # the DP's options carry theirs: planning asks often
+        if option.pruned == pruned:
+            return option.spec
     if all(p in pruned for p in range(a + 1, b + 1)):
         return None
     run = _Run(chain, a)
