@@ -37,12 +37,12 @@ from tabulate import tabulate
 from fxmerge.api import analyze
 from fxmerge.distill import KD_WEIGHT, TEMPERATURE, finetuning, split_batch
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
-from fxmerge.serialization import check_header, read_json, write_json
+from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 from fxmerge.passes.analysis import Analysis
 from fxmerge.passes.rewrite import linearize
 from fxmerge.plans import Plan
 from fxmerge.timing import Progress
-from fxmerge.validation import (check_batches, check_count, check_inputs, check_mapping, check_number,
+from fxmerge.validation import (check_batches, check_count, check_inputs, check_mapping,
                                 is_importance_key, is_real)
 
 # Version 2 records what a table was made from (model, estimator, settings), so a run resumes
@@ -202,6 +202,7 @@ class ImportanceTable:
         be unlabeled (input tensors), trained on the KD term alone.
         """
         example_inputs = check_inputs("example_inputs", example_inputs)
+        check_output_folder(path)
         _check_callable("eval_fn", eval_fn, "a function module -> score (higher is better)")
         check_count("seed", seed, minimum=0)
         settings: dict[str, Any] = {"eval_fn": _callable_name(eval_fn), "seed": seed}
@@ -234,6 +235,7 @@ class ImportanceTable:
         """Training-free: score = -(squared output change / output energy), averaged over
         ``batches`` (each a tensor or a tuple of model inputs). 0 means unchanged."""
         batches = [check_inputs(f"batches[{k}]", b) for k, b in enumerate(check_batches("batches", batches))]
+        check_output_folder(path)
         analysis = analysis or analyze(model, batches[0], **trace_kwargs)
         pairs = _check_pairs(pairs, analysis)
         identity = model_identity(model, analysis)

@@ -32,7 +32,7 @@ from fxmerge.backends import BACKENDS, Eager, TimingSettings, get_backend
 from fxmerge.convs import conv_for_geometry
 from fxmerge.cost import CostModel, Correction, add_key, conv_key, model_key
 from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError, MalformedFileError
-from fxmerge.serialization import check_header, read_json, write_json
+from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 from fxmerge.passes.analysis import Analysis, BlockLimits
 from fxmerge.passes.pruning import add_prune_options
 from fxmerge.passes.patterns import registered_activations
@@ -92,7 +92,7 @@ class LatencyTable:
         example_inputs = check_inputs("example_inputs", example_inputs)
         TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
         get_backend(backend)
-        _check_folder(path)
+        check_output_folder(path)
         table = cls(fingerprint=environment(example_inputs, backend))
         if path is not None and Path(path).exists():
             resumed = cls.load(path)
@@ -118,7 +118,7 @@ class LatencyTable:
         in a read-only folder serves)."""
         example_inputs = check_inputs("example_inputs", example_inputs)
         settings = TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
-        _check_folder(path)
+        check_output_folder(path)
         backend = get_backend(self.fingerprint.setdefault("backend", "eager"))
         self.check_environment(example_inputs)
         if analysis is None:
@@ -296,13 +296,6 @@ class LatencyTable:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_folder(path: str | os.PathLike | None) -> None:
-    """A measurement saves as it goes: its folder must exist before anything is timed."""
-    if path is not None and not Path(path).parent.is_dir():
-        raise InvalidArgumentError(f"path: the folder {str(Path(path).parent)!r} of {str(path)!r} does not exist; "
-                                   "create it or choose another path")
 
 
 def _describe(diff: dict[str, tuple[Any, Any]], side: int) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from fxmerge.errors import FxMergeError, MalformedFileError
+from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError
 
 
 def _current_umask() -> int:
@@ -101,3 +101,10 @@ def read_json(path: str | os.PathLike, what: str = "fxmerge") -> dict:
 
 def _json_kind(value: Any) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def check_output_folder(path: str | os.PathLike | None) -> None:
+    """Long work saves as it goes: the folder of ``path`` must exist before any of it is done."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise InvalidArgumentError(f"path: the folder {str(Path(path).parent)!r} of {str(path)!r} does not exist; "
+                                   "create it or choose another path")

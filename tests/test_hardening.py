@@ -324,6 +324,26 @@ def test_negative_latencies_never_yield_plans_with_negative_predicted_latency(ti
 
 # =========================================================================== 3. importance identity
 
+def test_long_runs_into_a_missing_folder_are_refused_before_any_work(tmp_path, tiny):
+    model, _, _ = tiny
+    target = tmp_path / "missing" / "out.json"
+    message = f"path: the folder '{target.parent}' of '{target}' does not exist; create it or choose another path"
+    calls = []
+
+    def eval_fn(module):
+        calls.append(module)
+        return 0.0
+
+    with pytest.raises(fxmerge.InvalidArgumentError) as info:
+        ImportanceTable.estimate(model, (X,), eval_fn=eval_fn, train_fn=lambda m: None, path=target)
+    assert str(info.value) == message and not calls  # not even the baseline was scored
+    with pytest.raises(fxmerge.InvalidArgumentError, match="does not exist; create it"):
+        ImportanceTable.calibrate(model, [X], path=target)
+    with pytest.raises(fxmerge.InvalidArgumentError, match="does not exist; create it"):
+        fxmerge.LatencyTable.measure(model, (X,), path=target, **FAST)
+    assert not target.parent.exists()
+
+
 def _calibrate(model, path):
     return ImportanceTable.calibrate(model, [b[0] for b in data()], path=path)
 
