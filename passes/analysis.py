@@ -234,10 +234,16 @@ class Analysis:
         return tabulate(rows, headers=["chain", "pos", "conv", "geometry", "bn", "skip", "activation", ""],
                         tablefmt="simple")
 
+    def _pruning_summary(self) -> str:
+        if not self.prune_layers:
+            return ""
+        options = sum(len(o) for c in self.chains for o in c.options.values())
+        return f", {sum(len(c.prunable) for c in self.chains)} prunable convs, {options} pruning options"
+
     def __str__(self) -> str:
         head = (f"fxmerge analysis: {len(self.chains)} chains, {self.num_layers} layers, "
                 f"{sum(len(c.droppable) for c in self.chains)} droppable activations, "
-                f"{sum(len(c.valid_blocks) for c in self.chains)} valid blocks "
+                f"{sum(len(c.valid_blocks) for c in self.chains)} valid blocks{self._pruning_summary()} "
                 f"(limits: kernel <= {self.limits.max_kernel} and <= {self.limits.max_kernel_ratio}x input, "
                 f"MACs <= {self.limits.max_macs_ratio}x, weights <= {self.limits.max_params})")
         legend = ("\n'border': no activation there, but the next conv pads its input; a merge across it moves "

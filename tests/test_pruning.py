@@ -54,6 +54,10 @@ def test_prunable_convs_are_those_the_identity_can_replace():
     assert reasons["widen"] == "changes channels (4 -> 8)"
     assert reasons["strided"] == "strided (2x2)"
     assert "changes the map size" in reasons["valid"]
+    assert "prunable" not in str(analysis)
+    options = fxmerge.analyze(Kinds().eval(), (torch.randn(1, 4, 16, 16),), prune_layers=True)
+    count = sum(len(o) for o in options.chains[0].options.values())
+    assert count and f", 3 prunable convs, {count} pruning options" in str(options)
 
 
 def test_pruning_a_conv_the_identity_cannot_replace_is_refused_by_name():
