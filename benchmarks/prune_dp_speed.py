@@ -12,9 +12,7 @@ same inputs.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,16 +23,14 @@ import fxmerge
 from fxmerge.passes import dp
 from fxmerge.planning import _Planner
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dp_speed import timed as dp_timed  # noqa: E402
+
 DEFAULT = Path(__file__).resolve().parent / "results" / "mobilenet_v2-eager-prune.json"
 
 
-def timed(fn, repeats: int = 7):
-    samples, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        samples.append(time.perf_counter() - start)
-    return out, statistics.median(samples) * 1e3
+def timed(fn):
+    return dp_timed(fn, repeats=7)
 
 
 def main() -> None:

@@ -266,3 +266,13 @@ def _trace_kwargs(kwargs: dict) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests run on one torch thread: results then repeat bit for bit whatever the
+    machine's core count (reductions are ordered by the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,12 +14,7 @@ from fxmerge.importance import ImportanceTable, parameter_digest, sgd_finetune
 from importance_models import data, neg_loss, small_net
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _confident_net():

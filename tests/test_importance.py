@@ -17,12 +17,7 @@ from importance_models import data, neg_loss, small_net
 from synthetic import feasible_budget, merging_pays_table
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the torchrun workers
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the same arithmetic as the torchrun workers
 
 
 def _estimate(path=None):

@@ -25,11 +25,8 @@ CFG = pipeline.Config(epochs=10, finetune_epochs=2, importance_steps=2, points=3
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def deterministic_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
     torch.use_deterministic_algorithms(False)  # seed_everything turns it on
 
 
