@@ -29,17 +29,22 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an importance table", "a plan"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def check_header(data: Any, fmt: str, version: int | Collection[int], error: type[FxMergeError] = MalformedFileError,
                  *, source: str | os.PathLike | None = None) -> None:
     """Raise ``error`` unless ``data`` is a ``fmt`` object of a supported ``version`` (one
     version or several). ``source`` (a file) is named in the message."""
     where = f"{source}: " if source is not None else ""
     if not isinstance(data, dict):
-        raise error(f"{where}not a {fmt} file: it holds a JSON {_json_kind(data)}, not an object")
+        raise error(f"{where}not {_a(fmt)} file: it holds a JSON {_json_kind(data)}, not an object")
     found = data.get("format")
     if found != fmt:
         what = f"its format is {found!r}" if found is not None else "it has no 'format' field"
-        raise error(f"{where}not a {fmt} file ({what}); pass a file that fxmerge saved as {fmt}")
+        raise error(f"{where}not {_a(fmt)} file ({what}); pass a file that fxmerge saved as {fmt}")
     versions = (version,) if isinstance(version, int) else tuple(version)
     found = data.get("version")
     if type(found) is not int or found not in versions:  # `type`: JSON true must not pass as 1
@@ -87,7 +92,7 @@ def read_json(path: str | os.PathLike, what: str = "fxmerge") -> dict:
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
-        raise MalformedFileError(f"{path}: not a {what} file (not UTF-8 text)") from None
+        raise MalformedFileError(f"{path}: not {_a(what)} file (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         if exc.pos >= len(raw.rstrip()) or exc.msg.startswith("Unterminated string"):
             problem = "the JSON ends too early (a truncated file?)"
@@ -95,7 +100,7 @@ def read_json(path: str | os.PathLike, what: str = "fxmerge") -> dict:
             problem = f"the JSON is malformed: {exc.msg} at line {exc.lineno} column {exc.colno}"
         raise MalformedFileError(f"{path}: not a valid {what} file: {problem}; delete it or re-create it") from None
     if not isinstance(data, dict):
-        raise MalformedFileError(f"{path}: not a {what} file: it holds a JSON {_json_kind(data)}, not an object")
+        raise MalformedFileError(f"{path}: not {_a(what)} file: it holds a JSON {_json_kind(data)}, not an object")
     return data
 
 

@@ -278,8 +278,9 @@ def test_unreadable_files_name_the_file_and_what_is_wrong(tmp_path, content, mes
     with pytest.raises(fxmerge.MalformedFileError, match=message) as info:
         fxmerge.LatencyTable.load(path)
     assert str(path) in str(info.value)
-    with pytest.raises(fxmerge.MalformedFileError, match=str(path)):
+    with pytest.raises(fxmerge.MalformedFileError, match=str(path)) as info:
         ImportanceTable.load(path)
+    assert "a importance" not in str(info.value)  # "an importance table file"
     with pytest.raises(fxmerge.MalformedFileError, match=str(path)):
         fxmerge.Plan.load(path)
 
