@@ -33,21 +33,26 @@ def load_model() -> torch.nn.Module:
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
 
 
-def load_photos(size: int = 224) -> tuple[list[str], torch.Tensor]:
-    """Every sample photo scikit-image ships, centre-cropped, scaled to [-1, 1]."""
+def open_photos() -> dict[str, Image.Image]:
+    """Every sample photo scikit-image ships, as RGB PIL images by file name."""
     import skimage
 
     folder = os.path.join(os.path.dirname(skimage.__file__), "data")
     names = sorted(f for f in os.listdir(folder) if f.endswith((".png", ".jpg")))
+    return {name: Image.open(os.path.join(folder, name)).convert("RGB") for name in names}
+
+
+def load_photos(size: int = 224) -> tuple[list[str], torch.Tensor]:
+    """Every sample photo scikit-image ships, centre-cropped, scaled to [-1, 1]."""
+    photos = open_photos()
     images = []
-    for name in names:
-        img = Image.open(os.path.join(folder, name)).convert("RGB")
+    for img in photos.values():
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
         images.append(x / 127.5 - 1.0)
-    return names, torch.stack(images)
+    return list(photos), torch.stack(images)
 
 
 @torch.no_grad()

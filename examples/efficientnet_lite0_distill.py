@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
@@ -30,7 +31,7 @@ import fxmerge
 from fxmerge.backends import compare_latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficientnet_lite0 import agreement, load_model  # noqa: E402
+from efficientnet_lite0 import agreement, load_model, open_photos  # noqa: E402
 from repro import latency_table, seed_everything, torch_threads, write_json  # noqa: E402
 
 SIZE = 224
@@ -38,16 +39,8 @@ SIZE = 224
 
 def load_full_photos() -> dict[str, torch.Tensor]:
     """scikit-image's sample photos at full resolution, RGB, scaled to [-1, 1], by file name."""
-    import numpy as np
-    import skimage
-    from PIL import Image
-
-    folder = os.path.join(os.path.dirname(skimage.__file__), "data")
-    photos = {}
-    for name in sorted(f for f in os.listdir(folder) if f.endswith((".png", ".jpg"))):
-        img = np.asarray(Image.open(os.path.join(folder, name)).convert("RGB"), dtype=np.float32)
-        photos[name] = torch.from_numpy(img.copy()).permute(2, 0, 1) / 127.5 - 1.0
-    return photos
+    return {name: torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+            for name, img in open_photos().items()}
 
 
 def crop(photo: torch.Tensor, top: float, left: float, scale: float, flip: bool) -> torch.Tensor:

@@ -37,12 +37,13 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxmerge
+from fxmerge import serialization
 from fxmerge.backends import compare_latency
 from fxmerge.importance import accuracy, sgd_finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repro import (Strategy, common_range, interpolate, latency_table, mean_std,  # noqa: E402
-                   paired, pm, read_json, seed_everything, spread, write_json)
+                   paired, pm, seed_everything, spread, write_json)
 
 DROP_LIMIT = 0.5  # points of accuracy: the summary's "as accurate as the original"
 
@@ -256,17 +257,16 @@ def plans_for(strategy: Strategy, cfg: Config, model: nn.Module, table: fxmerge.
     """The strategy's frontier between ``cfg.min_budget`` and ``cfg.max_budget`` (``cfg.points``
     plans spread evenly in predicted latency, fastest first, labelled ``f0``, ``f1``, ...) and
     its plans at ``cfg.budgets`` (labelled by budget)."""
-    given = {"analysis": analysis}
     out: list[tuple[str, fxmerge.Plan]] = []
     if cfg.points:
-        front = fxmerge.frontier(model, table, strategy.importance, example_inputs=(x,),
-                     max_budget=cfg.max_budget, **given, **strategy.plan_kwargs)
+        front = fxmerge.frontier(model, table, strategy.importance, example_inputs=(x,), analysis=analysis,
+                                 max_budget=cfg.max_budget, **strategy.plan_kwargs)
         front = spread([p for p in front if p.info["budget_ratio"] >= cfg.min_budget], cfg.points)
         out += [(f"f{k}", p) for k, p in enumerate(front)]
     for budget in cfg.budgets:
         try:
             out.append((f"{budget:g}", fxmerge.plan(model, table, budget=budget, importance=strategy.importance,
-                                            example_inputs=(x,), **given, **strategy.plan_kwargs)))
+                                                    example_inputs=(x,), analysis=analysis, **strategy.plan_kwargs)))
         except fxmerge.InfeasibleBudgetError as exc:
             log(f"{strategy.name} at budget {budget:g}: {exc}")
     return out
@@ -282,7 +282,7 @@ def measured_speedups(runs: list[SeedRun], make_model: Callable[[], nn.Module], 
     from ``path`` (plans it lacks are timed) unless ``retime``."""
     known: dict[str, float] = {}
     if path is not None and path.exists() and not retime:
-        known = read_json(path)["speedup"]
+        known = serialization.read_json(path, "timings")["speedup"]
         log(f"timing: reusing {len(known)} measured speed-ups from {path} (--retime measures again)")
     modules = {fp: m for run in runs for fp, m in run.modules.items() if fp not in known}
     if modules:

@@ -14,9 +14,7 @@ Not part of the library: examples import it from their own folder.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 import fxmerge
+from fxmerge import serialization
 
 
 def seed_everything(seed: int) -> None:
@@ -141,12 +140,8 @@ def common_range(curves: Iterable[Sequence[tuple[float, float]]]) -> tuple[float
     return max(lows), min(highs)
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """fxmerge's atomic JSON write (a unique temporary file, then ``os.replace``), creating the
+    folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    serialization.write_json(path, data, indent=1)
