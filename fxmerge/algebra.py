@@ -450,7 +450,7 @@ def _compose_items(items: tuple, state: ConvState, convs: Sequence[Conv]) -> Con
         if isinstance(item, int):
             c = convs[item - 1]
             state = compose(state, c.weight, c.bias, c.stride, c.dilation, c.groups)
-        elif _unit_is_cheaper(item, shape, convs):
+        elif _unit_composes_exactly(item, shape) and _unit_is_cheaper(item, shape, convs):
             state = _compose_unit(item, state, convs)
         else:
             state = add_shifted(_compose_items(item.items, state, convs), state, item.offset)
@@ -494,6 +494,12 @@ def _span_costs(span: _Span, shape: _Shape, convs: Sequence[Conv]) -> tuple[_Sha
 def _span_cost(span: _Span, shape: _Shape, convs: Sequence[Conv]) -> tuple[_Shape, float]:
     after, through, as_unit = _span_costs(span, shape, convs)
     return after, min(through, as_unit)
+
+
+def _unit_composes_exactly(span: _Span, shape: _Shape) -> bool:
+    """A branch holding residuals of its own keeps their offsets on the run input's grid; on a
+    strided state's grid they would land between taps, so such a branch composes in order."""
+    return all(s == 1 for s in shape.stride) or all(isinstance(item, int) for item in span.items)
 
 
 def _unit_is_cheaper(span: _Span, shape: _Shape, convs: Sequence[Conv]) -> bool:
