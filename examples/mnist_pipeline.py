@@ -145,6 +145,46 @@ class SeedRun:
     modules: dict[str, nn.Module]
 
 
+@dataclass
+class SeedSetup:
+    """What every compression of one seed starts from: its split, the trained network, the
+    example input and the fine-tuning recipe. Shared with ``benchmarks/vs_channel_pruning.py``,
+    so other compressions of the same seed get exactly this data, net and fine-tuning."""
+
+    cfg: Config
+    seed: int
+    model: nn.Module  # trained, eval mode
+    train_set: Split
+    holdout: Split
+    test: Split
+    x: torch.Tensor  # the first ``cfg.batch`` test digits: analysis and plans are made at this shape
+    test_acc: Callable[[nn.Module], float]  # accuracy (%) on the test split
+
+    def tune(self, module: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
+        """The seed's fine-tuning (``cfg.finetune_epochs`` at ``cfg.finetune_lr``): every
+        fine-tuning of this seed sees the same batches, from the same torch seed."""
+        torch.manual_seed(self.seed)
+        return train(module, self.train_set, self.cfg.finetune_epochs, self.cfg.finetune_lr, 1000 * self.seed + 500,
+                     teacher, self.cfg)
+
+
+def setup_seed(cfg: Config, seed: int, *, make_model: Callable[[], nn.Module] = DigitNet,
+               load: Callable[[int], tuple] = load_digits, state: dict | None = None) -> SeedSetup:
+    """Seed everything, split the digits and train ``make_model()`` for ``cfg.epochs`` (or, with
+    ``state``, load the weights such a training left, saved by the caller: nothing after this
+    reads torch's global generator without seeding it again, so the rest of a run is the same)."""
+    seed_everything(seed)
+    train_set, holdout, test = load(seed)
+    test_acc = accuracy(batches(test, 250))
+    if state is None:
+        model = train(make_model(), train_set, cfg.epochs, cfg.lr, order_seed=1000 * seed)
+    else:
+        model = make_model()
+        model.load_state_dict(state)
+        model.eval()
+    return SeedSetup(cfg, seed, model, train_set, holdout, test, test[0][: cfg.batch], test_acc)
+
+
 def train(model: nn.Module, data: Split, epochs: int, lr: float, order_seed: int,
           teacher: nn.Module | None = None, cfg: Config | None = None) -> nn.Module:
     """``epochs`` of SGD over ``data`` in batches of 64, reshuffled per epoch from
@@ -162,20 +202,12 @@ def run_seed(cfg: Config, seed: int, table: fxmerge.LatencyTable, out: Path | No
     all seeds at once): same seed, same table and same ``cfg`` give the same plans and the
     same accuracies. ``out`` (or None) holds this seed's importance files, plans and results."""
     start = time.perf_counter()
-    seed_everything(seed)
-    train_set, holdout, test = load(seed)
-    test_acc = accuracy(batches(test, 250))
-    model = train(make_model(), train_set, cfg.epochs, cfg.lr, order_seed=1000 * seed)
-    x = test[0][: cfg.batch]
+    setup = setup_seed(cfg, seed, make_model=make_model, load=load)
+    model, train_set, holdout, test, x = setup.model, setup.train_set, setup.holdout, setup.test, setup.x
+    test_acc, tune = setup.test_acc, setup.tune
     # with --prune-layers, one analysis with pruning options serves every strategy: importance
     # then scores the options too, and depth-only plans simply do not read them
     analysis = fxmerge.analyze(model, (x,), limits=table.block_limits(), prune_layers=cfg.prune_layers)
-    tune_order = 1000 * seed + 500  # every fine-tuning of this seed sees the same batches
-
-    def tune(module: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
-        torch.manual_seed(seed)
-        return train(module, train_set, cfg.finetune_epochs, cfg.finetune_lr, tune_order, teacher, cfg)
-
     base_acc = test_acc(tune(copy.deepcopy(model)))
     log(f"seed {seed}: trained, test accuracy {test_acc(model):.1f} %, fine-tuned original {base_acc:.1f} % "
         f"({time.perf_counter() - start:.0f} s)")
