@@ -373,19 +373,28 @@ def _dense_full(first: Tensor, first_groups: int, weight: Tensor, groups: int, l
 
 def _all_taps(first: Tensor, weight: Tensor, groups: int) -> Tensor:
     """A 1x..x1 state followed by a layer whose groups refine the state's: the taps do not
-    overlap, so one grouped matrix product over all of them at once is the composed kernel
-    (no zero fill, no strided adds: a third faster than tap by tap on a 1024-wide 1x1 -> 3x3)."""
+    overlap, so one matrix product per block of output rows gives their composed kernel over
+    all taps at once (no zero fill, no strided adds: a third faster than tap by tap on a
+    1024-wide 1x1 -> 3x3), re-laid out block by block so the product never doubles the
+    kernel's memory."""
     out_ch, mid, cols = weight.shape[0], first.shape[0], first.shape[1]
     k2 = tuple(weight.shape[2:])
-    taps = math.prod(k2)
-    lhs = weight.reshape(groups, out_ch // groups, mid // groups, taps).transpose(2, 3)
-    lhs = lhs.reshape(groups, out_ch // groups * taps, mid // groups)
-    rhs = first.reshape(groups, mid // groups, cols)
-    _record(out_ch * (mid // groups) * cols * taps)
-    product = (lhs[0] @ rhs[0]) if groups == 1 else lhs @ rhs  # (groups, out/groups * taps, cols)
-    composed = product.reshape(out_ch, taps, cols).transpose(1, 2).reshape((out_ch, cols) + k2).contiguous()
-    _record(0, composed)
+    taps, rows, width = math.prod(k2), out_ch // groups, mid // groups
+    composed = first.new_empty((out_ch, cols) + k2)
+    _record(out_ch * width * cols * taps, composed)
+    block = max(1, _BLOCK_ELEMENTS // max(1, taps * cols))  # output rows per product
+    for g in range(groups):
+        rhs = first[g * width:(g + 1) * width].reshape(width, cols)
+        for r in range(g * rows, (g + 1) * rows, block):
+            end = min(r + block, (g + 1) * rows)
+            lhs = weight[r:end].reshape(end - r, width, taps).transpose(1, 2).reshape((end - r) * taps, width)
+            product = (lhs @ rhs).reshape(end - r, taps, cols)
+            composed[r:end].copy_(product.transpose(1, 2).reshape((end - r, cols) + k2))
     return composed
+
+
+# Elements of one block of a product re-laid out into the composed kernel (8 MB in float64).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
@@ -403,11 +412,10 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     step = tuple(s * d for s, d in zip(state.stride, dilation))  # the layer's tap spacing on the run's input
     new_stride = tuple(a * b for a, b in zip(state.stride, stride))
     if _is_identity(state):  # the segment's first layer: nothing to compose with, its kernel as it is
-        new_bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
-        layout = _layout(state.grid, (1,) * ndim, step, k2)
-        clone = weight.clone()  # never the caller's tensor: later steps may add into the state in place
+        first = _first_layer(weight, bias, stride, dilation, groups)
+        clone = first.weight.clone()  # never the caller's tensor: it may be added into in place
         _record(0, clone)
-        return ConvState(clone, new_bias, new_stride, groups, layout.grid)
+        return ConvState(clone, first.bias, first.stride, first.groups, first.grid)
     # Only the state is ever re-expressed in a coarser grouping, and only when neither
     # grouping refines the other; the layer keeps its own groups, so a grouped or depthwise
     # layer costs what its connections cost.
@@ -426,6 +434,17 @@ def compose(state: ConvState, weight: Tensor, bias: Tensor | None, stride: Seque
     if bias is not None:
         new_bias = new_bias + bias
     return ConvState(composed, new_bias, new_stride, new_groups, layout.grid)
+
+
+def _first_layer(weight: Tensor, bias: Tensor | None, stride: Sequence[int], dilation: Sequence[int],
+                 groups: int) -> ConvState:
+    """One layer as a state on its own input: its kernel as it is, on its dilation grid (the
+    weight is the caller's tensor, not a copy)."""
+    ndim = weight.dim() - 2
+    layout = _layout((0,) * ndim, (1,) * ndim, dilation, tuple(weight.shape[2:]))
+    new_bias = bias.clone() if bias is not None else weight.new_zeros(weight.shape[0])
+    _record(0, weight)
+    return ConvState(weight, new_bias, tuple(stride), groups, layout.grid)
 
 
 def _is_identity(state: ConvState) -> bool:
@@ -461,10 +480,12 @@ def _placement(kernel: Sequence[int], grid: Sequence[int], new_grid: Sequence[in
     return tuple(out)
 
 
-def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> ConvState:
+def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int], *, reuse: bool = False) -> ConvState:
     """``state + other`` where ``other``'s kernel starts ``offset`` pixels (on the run's input)
     into ``state``'s — the identity branch of a residual, already expressed on the run's
-    input. The sum lives on the coarsest grid holding both kernels' taps and the offset."""
+    input. The sum lives on the coarsest grid holding both kernels' taps and the offset.
+    ``reuse=True``: the caller owns ``state`` and drops it, so the sum may be added into its
+    weight (no copy of the widest kernel of a residual)."""
     if state.stride != other.stride:
         raise ValueError(f"cannot add convolutions with strides {state.stride} and {other.stride}")
     g = math.gcd(state.groups, other.groups)
@@ -477,8 +498,8 @@ def add_shifted(state: ConvState, other: ConvState, offset: Sequence[int]) -> Co
     place_b = _placement(b.shape[2:], other.grid, grid, offset)
     size = [max(pa.stop, pb.stop) for pa, pb in zip(place_a, place_b)]
     in_place = list(a.shape[2:]) == size  # then a covers the sum's grid one to one
-    if in_place and a is not state.weight:
-        out = a  # a fresh regrouped copy: add in place
+    if in_place and (reuse or a is not state.weight):
+        out = a  # a fresh regrouped copy, or one the caller gives up: add in place
     elif in_place:
         out = a.clone()
     else:
@@ -621,7 +642,10 @@ def compose_run(convs: Sequence[Conv], skips: Sequence[tuple[int, int, Sequence[
     """
     run = _Run(convs)
     tree = _nest(1, len(convs), [(s, t, tuple(o)) for s, t, o in skips])
-    return run.execute(run.plan(tree, 0)[0])
+    state = run.execute(run.plan(tree, 0)[0])
+    if run.is_input(state.weight):  # a single layer: its weight, which must not come back as the result's
+        state = ConvState(state.weight.clone(), state.bias, state.stride, state.groups, state.grid)
+    return state
 
 
 # A plan says how to build one state (and its shape and estimated cost travel with it):
@@ -672,6 +696,10 @@ class _Run:
         """The span's identity offset on the grid of position ``origin``'s map (exact: σ_origin
         divides σ_source, which divides the offset)."""
         return tuple(o // s for o, s in zip(span.offset, self.sigma[origin]))
+
+    def is_input(self, weight: Tensor) -> bool:
+        """Whether ``weight`` is one of the layers' own tensors (states never add into those)."""
+        return any(weight is c.weight for c in self.convs)
 
     def identity(self, channels: int) -> ConvState:
         ref = self.convs[0].weight
@@ -752,15 +780,15 @@ class _Run:
     def execute(self, plan: _Plan, bound: dict | None = None) -> ConvState:
         bound = {} if bound is None else bound
         kind = plan[0]
-        if kind == "layer":
+        if kind == "layer":  # the layer's own tensor: composing only reads it
             c = self.convs[plan[1] - 1]
-            return compose(self.identity(self.channels(plan[1])), c.weight, c.bias, c.stride, c.dilation, c.groups)
+            return _first_layer(c.weight, c.bias, c.stride, c.dilation, c.groups)
         if kind == "bound":
             return bound[plan[1]]
         if kind == "unit":
-            span = plan[1]
-            return add_shifted(self.execute(plan[2], bound), self.identity(self.channels(span)),
-                               self.local(span, span.source))
+            span, merged = plan[1], self.execute(plan[2], bound)
+            return add_shifted(merged, self.identity(self.channels(span)), self.local(span, span.source),
+                               reuse=not self.is_input(merged.weight))
         if kind == "join":
             return _then(self.execute(plan[1], bound), self.execute(plan[2], bound))
         outer_plan, key, inner, span = plan[1:5]
@@ -771,7 +799,9 @@ class _Run:
         del bound[key]
         if kind == "right":  # R(F(x) + x) = R(F(x)) + W_R x: R's bias is in the first term only
             outer = ConvState(outer.weight, torch.zeros_like(outer.bias), outer.stride, outer.groups, outer.grid)
-        return add_shifted(merged, outer, self.local(span, origin))
+        # merged was built for this sum alone (the inner plan has two or more parts)
+        return add_shifted(merged, outer, self.local(span, origin),
+                           reuse=not self.is_input(merged.weight) and merged.weight is not outer.weight)
 
 
 def _then(state: ConvState, after: ConvState) -> ConvState:

@@ -185,3 +185,22 @@ def test_count_work_counts_only_inside_its_block():
     algebra.compose_run([conv, conv], [])
     assert inner.macs == 0 and inner.largest == 4 * 4 * 9  # a single layer: its kernel, copied
     assert outer.macs == 4 * 4 * 4 * 9 * 9 and outer.largest == 4 * 4 * 5 * 5
+
+
+def test_composing_never_writes_into_the_layers_tensors():
+    """States are built without copying the layers' weights; sums may reuse a state's weight
+    in place, never a layer's: inputs stay unchanged and the result aliases none of them."""
+    g = torch.Generator().manual_seed(0)
+
+    def conv(cin, cout, k, groups=1):
+        return algebra.Conv(torch.randn(cout, cin // groups, k, k, dtype=torch.float64, generator=g),
+                            torch.randn(cout, dtype=torch.float64, generator=g), (1, 1), (1, 1), groups)
+
+    for convs, skips in (([conv(8, 8, 3)], []), ([conv(8, 8, 1)], [(0, 1, (0, 0))]),
+                         ([conv(8, 4, 1), conv(4, 8, 3)], [(0, 2, (1, 1))]),
+                         ([conv(8, 8, 3, groups=8), conv(8, 8, 1), conv(8, 3, 1)], [(0, 2, (1, 1))])):
+        before = [(c.weight.clone(), c.bias.clone()) for c in convs]
+        state = algebra.compose_run(convs, skips)
+        for c, (w, b) in zip(convs, before):
+            assert torch.equal(c.weight, w) and torch.equal(c.bias, b)
+            assert state.weight.data_ptr() != c.weight.data_ptr()
