@@ -630,7 +630,8 @@ class _Shape:
 
 def compose_run(convs: Sequence[Conv], skips: Sequence[tuple[int, int, Sequence[int]]]) -> ConvState:
     """The merged state of a run of layers with nested identity residuals ``(s, t, offset)``
-    (positions 0..n; ``offset`` as :func:`skip_offsets` gives it).
+    (positions 0..n; ``offset`` as :func:`skip_offsets` gives it). The layers' tensors are
+    only read; the state of a single layer holds that layer's weight tensor itself.
 
     Composition is associative, so the run is merged in the cheapest order its shapes admit
     (the matrix-chain search over split points): a wide backbone block followed by a
@@ -642,10 +643,9 @@ def compose_run(convs: Sequence[Conv], skips: Sequence[tuple[int, int, Sequence[
     """
     run = _Run(convs)
     tree = _nest(1, len(convs), [(s, t, tuple(o)) for s, t, o in skips])
-    state = run.execute(run.plan(tree, 0)[0])
-    if run.is_input(state.weight):  # a single layer: its weight, which must not come back as the result's
-        state = ConvState(state.weight.clone(), state.bias, state.stride, state.groups, state.grid)
-    return state
+    # A single layer's state is that layer's weight as given (BatchNorm already folded into it):
+    # a copy would be one more kernel-sized float64 tensor per conv, and nothing writes into it.
+    return run.execute(run.plan(tree, 0)[0])
 
 
 # A plan says how to build one state (and its shape and estimated cost travel with it):

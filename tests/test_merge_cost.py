@@ -183,13 +183,14 @@ def test_count_work_counts_only_inside_its_block():
         with algebra.count_work() as inner:
             algebra.compose_run([conv], [])
     algebra.compose_run([conv, conv], [])
-    assert inner.macs == 0 and inner.largest == 4 * 4 * 9  # a single layer: its kernel, copied
+    assert inner.macs == 0 and inner.largest == 4 * 4 * 9  # a single layer: its own kernel
     assert outer.macs == 4 * 4 * 4 * 9 * 9 and outer.largest == 4 * 4 * 5 * 5
 
 
 def test_composing_never_writes_into_the_layers_tensors():
     """States are built without copying the layers' weights; sums may reuse a state's weight
-    in place, never a layer's: inputs stay unchanged and the result aliases none of them."""
+    in place, never a layer's: inputs stay unchanged, and only a single layer's state is that
+    layer's own tensor."""
     g = torch.Generator().manual_seed(0)
 
     def conv(cin, cout, k, groups=1):
@@ -203,4 +204,4 @@ def test_composing_never_writes_into_the_layers_tensors():
         state = algebra.compose_run(convs, skips)
         for c, (w, b) in zip(convs, before):
             assert torch.equal(c.weight, w) and torch.equal(c.bias, b)
-            assert state.weight.data_ptr() != c.weight.data_ptr()
+            assert state.weight.data_ptr() != c.weight.data_ptr() or (len(convs) == 1 and not skips)
