@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 import fxmerge
 from fxmerge.passes import dp
-from fxmerge.planning import _Planner
+from fxmerge.planning import Planner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dp_speed import timed as dp_timed  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
                                                          prune_layers=prune))
         _, one_ms = timed(lambda: fxmerge.plan(model, table, budget=0.6, example_inputs=(x,),
                                                analysis=analysis, prune_layers=prune))
-        problem = _Planner(table, analysis, None, None, prune).problem
+        problem = Planner(table, analysis, None, None, prune).problem
         _, bare_ms = timed(lambda: dp.frontier(problem.times, problem.importance, problem.length,
                                                candidates=problem.candidates, position_costs=problem.position_costs,
                                                options=problem.options))

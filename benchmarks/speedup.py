@@ -34,7 +34,7 @@ from tabulate import tabulate
 
 import fxmerge
 from fxmerge.backends import compare_latency
-from fxmerge.calibration import TOLERANCE
+from fxmerge.verification import TOLERANCE
 
 
 def efficientnet_lite0() -> torch.nn.Module:
@@ -75,7 +75,7 @@ def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...], v
                 label = f"{budget:g}" + (" pruned" if pruned else "") + (" verified" if verified else "")
                 try:
                     chosen = fxmerge.plan(model, table, budget=budget, example_inputs=(x,), analysis=analysis,
-                                          verify=verified, prune_layers=pruned)
+                                          verify=verified, prune_layers=pruned, save_to=path if verified else None)
                 except (fxmerge.InfeasibleBudgetError, fxmerge.VerificationError) as exc:
                     rows.append([name, backend, label, "-", "-", "-", "-", "-", "-", "-", str(exc).split(". ")[0]])
                     continue

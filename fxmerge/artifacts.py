@@ -7,29 +7,38 @@ state dict — so ``torch.load(path, weights_only=True)`` reads it; :func:`load`
 compressed GraphModule from the original architecture with :func:`fxmerge.merge` and loads the
 state dict into it, strictly.
 
->>> fxmerge.artifacts.save(compressed, "m.pt")                            # doctest: +SKIP
->>> compressed = fxmerge.artifacts.load("m.pt", torchvision.models.mobilenet_v2())  # doctest: +SKIP
+>>> compressed = fxmerge.merge(model, fxmerge.Plan.drop_all(analysis))
+>>> fxmerge.save_compressed(compressed, "m.pt")
+>>> again = fxmerge.load_compressed("m.pt", model)
+>>> bool(torch.equal(again(x), compressed(x)))
+True
+
+(``fxmerge.save`` / ``fxmerge.load`` are the old names of these two, kept for a release.)
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxmerge.errors import InvalidArgumentError, MalformedFileError, PlanMismatchError
+from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError, PlanMismatchError
+from fxmerge.passes.rewrite import RECORD, merge
+from fxmerge.passes.tracing import TraceOptions
+from fxmerge.plans import Plan
 from fxmerge.serialization import check_header
 
 FORMAT, VERSION = "fxmerge.artifact", 1
 
 
-def save(compressed: fx.GraphModule, path: str | os.PathLike) -> None:
+def save_compressed(compressed: fx.GraphModule, path: str | os.PathLike) -> None:
     """Save a module made by :func:`fxmerge.merge` / :func:`fxmerge.compress` as its plan (JSON
     text) and state dict, loadable with ``torch.load(path, weights_only=True)``."""
-    record = getattr(compressed, "meta", {}).get("fxmerge", {}) if isinstance(compressed, fx.GraphModule) else {}
+    record = getattr(compressed, "meta", {}).get(RECORD, {}) if isinstance(compressed, fx.GraphModule) else {}
     if "plan_json" not in record:
         raise InvalidArgumentError("save needs a module returned by fxmerge.merge or fxmerge.compress (it carries its "
                                    f"plan); got {type(compressed).__name__}")
@@ -37,31 +46,49 @@ def save(compressed: fx.GraphModule, path: str | os.PathLike) -> None:
                 "state_dict": compressed.state_dict()}, path)
 
 
-def load(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None, **trace_kwargs: Any) -> fx.GraphModule:
+def load_compressed(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None,
+                    trace: TraceOptions | None = None) -> fx.GraphModule:
     """The compressed model saved in ``path``, rebuilt as ``fxmerge.merge(model, plan)`` from
     ``model`` — the original architecture (its weights do not matter: the saved ones replace
-    them) — with the saved state dict loaded strictly. ``trace_kwargs`` (``tracer``,
-    ``leaf_modules``, ``concrete_args``) are those the model needs to be traced. Returned in
-    eval mode. Only tensors and JSON are deserialised."""
-    from fxmerge.passes.rewrite import merge
-    from fxmerge.plans import Plan
-
+    them) — with the saved state dict loaded strictly. ``trace`` is what the model needs to be
+    traced (as for :func:`fxmerge.analyze`). Returned in eval mode. Only tensors and JSON are
+    deserialised."""
     data = _read(path, map_location)
-    plan = Plan.from_dict(data["plan"])
-    rebuilt = merge(model, plan, **trace_kwargs)
-    state = data["state_dict"]
-    expected = set(rebuilt.state_dict())
+    plan = Plan.from_dict(data["plan"], source=f"{path} (its plan)")
+    rebuilt = merge(model, plan, trace=trace)
+    load_state_strictly(rebuilt, data["state_dict"], what=f"{path}: the saved state dict",
+                        target="the model rebuilt from this architecture", error=PlanMismatchError,
+                        remedy="pass the model the artifact was compressed from")
+    return rebuilt.eval()
+
+
+# the old names (a release of grace)
+save, load = save_compressed, load_compressed
+
+
+def load_state_strictly(module: nn.Module, state: Any, *, what: str, target: str, error: type[FxMergeError],
+                        remedy: str = "") -> None:
+    """Load ``state`` into ``module`` only if it holds exactly the module's keys with fitting
+    shapes; otherwise ``error`` says "``what`` does not fit ``target``" and which keys are
+    missing or unexpected (``remedy``, if given, says what to do)."""
+    tail = f"; {remedy}" if remedy else ""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise error(f"{what} does not hold a state dict (a mapping name -> tensor){tail}")
+    expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise PlanMismatchError(f"{path}: the saved weights do not fit the model rebuilt from this architecture "
-                                f"(missing {missing[:4]}, unexpected {unexpected[:4]}); pass the model the artifact "
-                                "was compressed from")
+        raise error(f"{what} does not fit {target}: {_listed('missing', missing)}"
+                    f"{'; ' if missing and unexpected else ''}{_listed('unexpected', unexpected)}{tail}")
     try:
-        rebuilt.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PlanMismatchError(f"{path}: the saved weights do not fit the model rebuilt from this architecture: "
-                                f"{' '.join(str(exc).split())[:400]}") from None
-    return rebuilt.eval()
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shapes differ
+        raise error(f"{what} does not fit {target}: {' '.join(str(exc).split())[:400]}{tail}") from None
+
+
+def _listed(what: str, keys: list[str]) -> str:
+    if not keys:
+        return ""
+    return f"{len(keys)} {what} keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
 
 
 def load_tensors(path: str | os.PathLike, what: str, map_location: Any = None) -> Any:

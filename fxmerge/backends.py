@@ -5,7 +5,7 @@ A backend answers two questions the same way it runs a whole model:
 
 * ``time_units``: how long each latency-table term (a conv, a conv + its activation, a residual
   add) costs *inside a model* — eager times each in isolation (its per-call overhead is
-  calibrated away later); inductor runs convolutions as calls to ATen's oneDNN kernels on
+  fitted from end-to-end references later); inductor runs convolutions as calls to ATen's oneDNN kernels on
   channels-last maps, so its units are timed as those calls, on channels-last inputs; ONNX
   Runtime optimises each unit as it optimises a model (fusing the activation into the conv) and
   sums the unit's node kernels from its profiler, leaving out the layout reorders a model only
@@ -20,38 +20,23 @@ A new backend is one subclass of :class:`Backend` passed to :func:`register_back
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxmerge.arguments import check_choice, check_inputs
 from fxmerge.errors import FxMergeError, InvalidArgumentError
-from fxmerge.timing import Progress, Timing, calibrate, evaluating, sample
-from fxmerge.validation import check_choice, check_count, check_inputs, check_number
+from fxmerge.timing import Progress, Timing, TimingSettings, calls_per_sample, check_timing_settings, evaluating, sample
 
 Builder = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]  # a unit and its inputs
-
-
-@dataclass(frozen=True)
-class TimingSettings:
-    """How hard to look: samples per entry, calls per sample, warm-up."""
-
-    warmup: int = 3
-    repeats: int = 9
-    min_repeat_ms: float = 10.0
-    rounds: int = 3
-
-    def check(self) -> "TimingSettings":
-        check_count("warmup", self.warmup, minimum=0, hint="untimed calls before timing")
-        check_count("repeats", self.repeats, hint="samples per entry, e.g. 9")
-        check_number("min_repeat_ms", self.min_repeat_ms, minimum=0, hint="milliseconds per sample")
-        check_count("rounds", self.rounds, hint="interleaved passes over everything timed")
-        return self
 
 
 class Backend:
@@ -88,7 +73,7 @@ class Backend:
                 if name not in runners:
                     runners[name] = self.runner(m, inputs)
             fns = {name: runners[name] for name in modules}
-            calls = {name: calibrate(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)
+            calls = {name: calls_per_sample(fn, device, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)
                      for name, fn in fns.items()}
             per_round = max(1, -(-repeats // rounds))
             samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -98,15 +83,60 @@ class Backend:
         return {name: Timing.from_samples(samples[name], calls[name]) for name in fns}
 
 
-BACKENDS: dict[str, Backend] = {}
+class BackendRegistry(Mapping):
+    """Backends by name (a read-only mapping); :meth:`snapshot` / :meth:`restore` bring back
+    exactly what was registered, and :func:`backend_registry` scopes changes to a block."""
+
+    def __init__(self, backends: Sequence[Backend] = ()) -> None:
+        self._backends: dict[str, Backend] = {}
+        for backend in backends:
+            self.register(backend)
+
+    def register(self, backend: Backend) -> Backend:
+        if not isinstance(backend, Backend) or not backend.name:
+            raise InvalidArgumentError("register_backend needs a Backend instance with a name")
+        self._backends[backend.name] = backend
+        return backend
+
+    def unregister(self, name: str) -> None:
+        self._backends.pop(name, None)
+
+    __delitem__ = unregister
+
+    def __getitem__(self, name: str) -> Backend:
+        return self._backends[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._backends)
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def snapshot(self) -> dict[str, Backend]:
+        return dict(self._backends)
+
+    def restore(self, snapshot: dict[str, Backend]) -> None:
+        self._backends = dict(snapshot)
 
 
 def register_backend(backend: Backend) -> Backend:
     """Make ``backend`` available by its name (latency tables, plans, the CLI)."""
-    if not isinstance(backend, Backend) or not backend.name:
-        raise InvalidArgumentError("register_backend needs a Backend instance with a name")
-    BACKENDS[backend.name] = backend
-    return backend
+    return BACKENDS.register(backend)
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a registered backend."""
+    BACKENDS.unregister(name)
+
+
+@contextlib.contextmanager
+def backend_registry() -> Iterator[BackendRegistry]:
+    """Restore the backend registry on exit: backends registered inside the block are gone."""
+    saved = BACKENDS.snapshot()
+    try:
+        yield BACKENDS
+    finally:
+        BACKENDS.restore(saved)
 
 
 def get_backend(name: str) -> Backend:
@@ -122,7 +152,7 @@ def get_backend(name: str) -> Backend:
 class Eager(Backend):
     """PyTorch eager mode. Units are timed alone, each sample a loop of calls, in ``rounds``
     interleaved passes over all of them (drift skews no group of entries); what an op costs
-    inside a model beyond its isolated time is calibrated from end-to-end references."""
+    inside a model beyond its isolated time is fitted to end-to-end references (the table's correction)."""
 
     name = "eager"
 
@@ -143,8 +173,8 @@ class Eager(Backend):
                     inputs = self.unit_inputs(inputs)
                     fn, device = Eager.runner(self, module, inputs), inputs[0].device
                     with evaluating(module):
-                        calls = calibrate(fn, device, warmup=1 if entry["calls"] else settings.warmup,
-                                          min_repeat_ms=settings.min_repeat_ms)
+                        calls = calls_per_sample(fn, device, warmup=1 if entry["calls"] else settings.warmup,
+                                                 min_repeat_ms=settings.min_repeat_ms)
                         entry["calls"] = entry["calls"] or calls
                         entry["samples"] += sample(fn, device, entry["calls"], per_round)
                     entry["rounds"] += 1
@@ -179,7 +209,7 @@ class Inductor(Eager):
     pointwise ops around them), so a unit is timed as that call: eagerly, on channels-last
     inputs, warm as inside a model, in interleaved rounds — no compile per unit (about 200 for
     mobilenet_v2, a minute or more each on two cores). The compiled end-to-end references
-    calibrate what the generated code adds and saves (fused activations, no per-module Python
+    correct for what the generated code adds and saves (fused activations, no per-module Python
     overhead); compile time is never timed."""
 
     name = "inductor"
@@ -225,8 +255,6 @@ class OnnxRuntime(Backend):
     needs = "onnx"
 
     def check_available(self):
-        import importlib.util
-
         if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
             raise FxMergeError("the onnxruntime backend needs the extra: pip install 'fxmerge[onnx]'")
 
@@ -288,8 +316,7 @@ def _per_run_kernel_ms(trace_path: str) -> list[float]:
     return totals
 
 
-for _backend in (Eager(), Inductor(), OnnxRuntime()):
-    register_backend(_backend)
+BACKENDS = BackendRegistry([Eager(), Inductor(), OnnxRuntime()])
 
 
 # --------------------------------------------------------------------------- whole modules
@@ -302,10 +329,7 @@ def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[t
     turn, so a machine whose speed drifts (shared hosts do, by tens of percent over tens of
     seconds) shifts them all alike and their ratios stay honest. The modules are timed in eval
     mode and left in the mode they were in."""
-    check_count("rounds", rounds, hint="interleaved passes over everything timed")
-    check_count("repeats", repeats, hint="samples per entry, e.g. 9")
-    check_number("min_repeat_ms", min_repeat_ms, minimum=0, hint="milliseconds per sample")
-    check_number("warmup_ms", warmup_ms, minimum=0, hint="milliseconds of warm-up")
+    check_timing_settings(rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)
     chosen = get_backend(backend)
     if not isinstance(modules, Mapping) or not modules or not all(isinstance(m, nn.Module) for m in modules.values()):
         raise InvalidArgumentError("modules must be a non-empty mapping name -> nn.Module, e.g. {'model': model}; "

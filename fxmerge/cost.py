@@ -1,4 +1,4 @@
-"""The cost model (DESIGN.md): a plan's latency is the sum over merged segments of the measured
+"""The cost model (ARCHITECTURE.md): a plan's latency is the sum over merged segments of the measured
 time of the merged conv (plus the explicit add of any residual the plan cuts), plus the time of
 each kept activation, plus the constant rest of the network — plus a per-op overhead.
 
@@ -13,15 +13,13 @@ measures nothing.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from fxmerge.algebra import ConvGeometry
-from fxmerge.passes.analysis import Analysis, Chain
 from fxmerge.passes.pruning import pruned_spec
 from fxmerge.plans import ChainPlan, Plan, cheapest_cover
+from fxmerge.records import Analysis, Chain
 
 
 def _shape(shape: Sequence[int] | None) -> str:
@@ -43,14 +41,6 @@ def activation_key(kind: str, producer: str) -> str:
 
 def add_key(shape: Sequence[int] | None) -> str:
     return f"add input={_shape(shape)}"
-
-
-def model_key(analysis: Analysis) -> str:
-    """Identifies a model and input shape, for the end-to-end reference a table keeps."""
-    inputs = [n.meta.get("tensor_meta") for n in analysis.graph_module.graph.nodes if n.op == "placeholder"]
-    shapes = [list(m.shape) if m is not None and hasattr(m, "shape") else None for m in inputs]
-    body = json.dumps({"plan": Plan.fold_only(analysis).fingerprint(), "inputs": shapes}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

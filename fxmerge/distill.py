@@ -1,6 +1,6 @@
 """Fine-tuning a linearized net, with knowledge distillation from the original model.
 
-The paper's KD variant (METHOD.md §7) fine-tunes the compressed network against the logits of
+The paper's KD variant fine-tunes the compressed network against the logits of
 the uncompressed one as well as the labels. Here:
 
 ``loss = kd_weight * T² * KL(softmax(teacher / T) || softmax(student / T))
@@ -13,9 +13,12 @@ independent of the temperature (Hinton et al.). Batches without targets — an u
 tensor, or ``(inputs, None)`` — are trained on the KD term alone, with weight 1: what the users
 of a pretrained model without its training labels can do.
 
->>> train = fxmerge.distill_finetune(model, loader, steps=500)       # doctest: +SKIP
->>> student = fxmerge.linearize(model, plan); train(student)         # doctest: +SKIP
->>> deployed = fxmerge.merge(student, plan)                          # doctest: +SKIP
+>>> plan = fxmerge.Plan.drop_all(analysis)
+>>> train = fxmerge.distill_finetune(model, loader, steps=3)
+>>> student = fxmerge.linearize(model, plan); train(student)
+>>> deployed = fxmerge.merge(student, plan)
+>>> bool((deployed(x) - student(x)).abs().max() < 1e-4)
+True
 
 The teacher is a frozen copy of the model given (eval mode, no gradients); the model itself is
 never changed.
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxmerge.errors import InvalidArgumentError
-from fxmerge.validation import check_count, check_number
+from fxmerge.arguments import check_count, check_number
 
 KD_WEIGHT = 0.3  # the official code's --distill 0.3
 TEMPERATURE = 1.0  # the official code's; KLLossSoft has no temperature
@@ -93,13 +96,13 @@ def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
                                f"tensor or a tuple of tensors and targets None where there are none; got {_describe(batch)}")
 
 
-def finetuning(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum: float = 0.9,
-               weight_decay: float = 1e-5, task_loss: Callable = F.cross_entropy, teacher: nn.Module | None = None,
-               kd_weight: float = KD_WEIGHT, temperature: float = TEMPERATURE, freeze_bn: bool = False) -> TrainFn:
+def sgd_finetune(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 1e-5, loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
+                 kd_weight: float = KD_WEIGHT, temperature: float = TEMPERATURE, freeze_bn: bool = False) -> TrainFn:
     """A ``train_fn(module)``: ``steps`` SGD steps (Nesterov, cosine-decayed lr, as the paper)
     over the batches of ``data``, cycled as needed; the module ends in eval mode.
 
-    Without ``teacher``: ``task_loss(module(inputs), targets)`` on ``(inputs, targets)``
+    Without ``teacher``: ``loss_fn(module(inputs), targets)`` on ``(inputs, targets)``
     batches. With ``teacher`` (the original model; a frozen copy is taken now): :func:`kd_loss`
     against its logits, so unlabeled batches work too. ``freeze_bn`` keeps every BatchNorm in
     eval mode (running statistics unchanged, affine weights still trained): for small or
@@ -119,10 +122,10 @@ def finetuning(data: Iterable, *, steps: int = 100, lr: float = 0.01, momentum: 
         if frozen is None:
             if targets is None:
                 raise InvalidArgumentError(f"data yielded a batch without targets; {UNLABELED_HINT}")
-            return task_loss(out, targets)
+            return loss_fn(out, targets)
         with torch.no_grad():
             reference = frozen(*inputs)
-        return kd_loss(out, reference, targets, kd_weight=kd_weight, temperature=temperature, task_loss=task_loss)
+        return kd_loss(out, reference, targets, kd_weight=kd_weight, temperature=temperature, task_loss=loss_fn)
 
     def train(module: nn.Module) -> None:
         _sgd(module, data, loss_of, steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -137,11 +140,11 @@ def distill_finetune(teacher: nn.Module, data: Iterable, *, steps: int = 100, lr
     """A ``train_fn(student)`` that fine-tunes ``student`` (e.g. ``fxmerge.linearize(teacher,
     plan)``) by knowledge distillation from ``teacher``, the original model: :func:`kd_loss` on
     ``(inputs, targets)`` batches, the KD term alone on unlabeled ones (input tensors).
-    ``sgd`` passes ``momentum``, ``weight_decay``, ``task_loss`` on to :func:`finetuning`.
+    ``sgd`` passes ``momentum``, ``weight_decay``, ``loss_fn`` on to :func:`sgd_finetune`.
     ``teacher`` is copied and frozen; it is never changed."""
     if teacher is None:
         raise InvalidArgumentError("distill_finetune needs the teacher: the original (uncompressed) model")
-    return finetuning(data, steps=steps, lr=lr, teacher=teacher, kd_weight=kd_weight, temperature=temperature,
+    return sgd_finetune(data, steps=steps, lr=lr, teacher=teacher, kd_weight=kd_weight, temperature=temperature,
                       freeze_bn=freeze_bn, **sgd)
 
 

@@ -35,3 +35,25 @@ class PlanMismatchError(FxMergeError):
 
 class InvalidPlanError(FxMergeError):
     """A plan's activation or boundary sets break a merge rule."""
+
+
+class InfeasibleBudgetError(FxMergeError):
+    """No plan fits the latency budget; ``smallest_ms`` (also in the message) is the least
+    budget that has one."""
+
+    def __init__(self, message: str, smallest_ms: float):
+        super().__init__(message)
+        self.smallest_ms = smallest_ms
+
+
+class MissingLatencyError(FxMergeError):
+    """The latency table lacks terms a model needs."""
+
+
+class VerificationError(FxMergeError):
+    """Verified planning ran out of rounds before a plan measured within the budget. ``rounds``
+    holds what each round predicted and measured; ``best`` is the fastest plan measured."""
+
+    def __init__(self, message: str, rounds: list, best: object):
+        super().__init__(message)
+        self.rounds, self.best = rounds, best

@@ -1,111 +1,51 @@
 """From a measured latency table (and importance, where the user has it) to a :class:`Plan`:
-one exact DP over all chains of the model, concatenated with forced breaks between them; the
-whole Pareto frontier from one solve; and, with ``verify=True``, plans measured on the table's
-backend and corrected until they meet the budget (:mod:`fxmerge.calibration`)."""
+one exact DP over all chains of the model, concatenated with forced breaks between them
+(:mod:`fxmerge.problem`); the whole Pareto frontier from one solve; and, with ``verify=True``,
+plans measured on the table's backend and corrected until they meet the budget
+(:mod:`fxmerge.verification`).
+
+>>> plan = fxmerge.plan(model, table, budget=0.9)
+>>> plan.report.predicted_planned_ms <= 0.9 * plan.report.original_ms
+True
+>>> [len(fxmerge.frontier(model, table, points=2)) <= 2]
+[True]
+"""
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from fxmerge.api import analyze
+from fxmerge import verification
+from fxmerge.arguments import (check_budget, check_choice, check_count, check_flag, check_importance_scores,
+                               check_inputs, check_resolution)
 from fxmerge.backends import BACKENDS
 from fxmerge.cost import CostModel
-from fxmerge.errors import EnvironmentMismatchError, FxMergeError, InvalidArgumentError
+from fxmerge.errors import EnvironmentMismatchError, InvalidArgumentError
+from fxmerge.fingerprints import structure_digest
+from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable
-from fxmerge.passes import dp
-from fxmerge.passes.analysis import Analysis, Chain
-from fxmerge.passes.pruning import add_prune_options, pruned_spec
+from fxmerge.passes.analysis import analyze
+from fxmerge.passes.pruning import pruned_spec, with_prune_options
+from fxmerge.passes.tracing import TraceOptions
 from fxmerge.plans import Plan
-from fxmerge.validation import (check_budget, check_choice, check_count, check_flag, check_importance, check_inputs,
-                                check_resolution)
+from fxmerge.problem import Importance, Problem, build_problem, check_coverable, frontier_plans, select_plan
+from fxmerge.records import Analysis
+from fxmerge.report import MergedConv, PlanReport, VerifyRound
+from fxmerge.verification import observe, save_observations
 
 log = logging.getLogger("fxmerge")
 
-# (chain index, i, j) -> score; with pruning also (chain index, i, j, pruned layers) -> score
-Importance = Mapping[tuple, float]
 
-
-class InfeasibleBudgetError(FxMergeError):
-    """No plan fits the latency budget; ``smallest_ms`` (also in the message) is the least
-    budget that has one."""
-
-    def __init__(self, message: str, smallest_ms: float):
-        super().__init__(message)
-        self.smallest_ms = smallest_ms
-
-
-@dataclass
-class _Concatenated:
-    """All chains laid end to end on one axis of positions, as stage 2 sees them."""
-
-    offsets: list[int]
-    length: int
-    times: dict[tuple[int, int], float]
-    importance: dict[tuple[int, int], float]
-    candidates: list[int]
-    position_costs: dict[int, float]
-    options: dict[tuple[int, int], list[tuple[float, float]]]  # pruned blocks: (ms, importance)
-    pruned: dict[tuple[int, int], list[tuple[int, ...]]]  # the layers each of those options prunes
-
-    def local(self, chain: Chain, positions: Sequence[int]) -> list[int]:
-        off = self.offsets[chain.index]
-        return [p - off for p in positions if off < p < off + chain.length]
-
-
-def uniform_option_score(pruned: Sequence[int]) -> float:
-    """Without importance, a segment is worth 1 (so the DP keeps as many activations as fit)
-    and each conv it prunes costs 1 (pruning a conv counts like dropping an activation)."""
-    return 1.0 - len(pruned)
-
-
-def _concatenate(analysis: Analysis, cost: CostModel, importance: Importance | None,
-                 prune_layers: bool = False) -> _Concatenated:
-    offsets, total = [], 0
-    for chain in analysis.chains:
-        offsets.append(total)
-        total += chain.length
-    times, imp, candidates, position_costs = {}, {}, [], {}
-    options: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    pruned: dict[tuple[int, int], list[tuple[int, ...]]] = {}
-    for chain, off in zip(analysis.chains, offsets):
-        for i, j in chain.valid_blocks:
-            times[(off + i, off + j)] = cost.block_ms(chain, i, j)
-        acts = cost.activation_ms(chain)
-        forced, points = chain.forced, chain.kept_candidates
-        for p in points[1:-1]:
-            candidates.append(off + p)
-            position_costs[off + p] = acts.get(p, 0.0)
-        for a in range(len(points)):
-            for b in range(a + 1, len(points)):
-                i, j = points[a], points[b]
-                if any(i < f < j for f in forced):
-                    break  # a forced activation cannot be dropped
-                score = 1.0 if importance is None else importance.get((chain.index, i, j))
-                if score is not None:
-                    imp[(off + i, off + j)] = float(score)
-                for option in chain.options.get((i, j), []) if prune_layers else []:
-                    score = uniform_option_score(option.pruned) if importance is None else \
-                        importance.get((chain.index, i, j, option.pruned))
-                    if score is not None:
-                        options.setdefault((off + i, off + j), []).append(
-                            (cost.pruned_ms(chain, i, j, option.pruned), float(score)))
-                        pruned.setdefault((off + i, off + j), []).append(option.pruned)
-        if chain.index < len(analysis.chains) - 1:
-            candidates.append(off + chain.length)  # chain junctions always act as kept
-            position_costs[off + chain.length] = 0.0
-    return _Concatenated(offsets, total, times, imp, sorted(set(candidates)), position_costs, options, pruned)
-
-
-class _Planner:
+class Planner:
     """One model, one table, one importance: the DP's inputs, built once, and its answers."""
 
-    def __init__(self, table: LatencyTable, analysis: Analysis, importance: Any, resolution: float | None,
-                 prune_layers: bool = False):
+    def __init__(self, table: LatencyTable, analysis: Analysis, importance: Importance | None,
+                 resolution: float | None, prune_layers: bool = False):
         self.table, self.analysis, self.importance, self.resolution = table, analysis, importance, resolution
         self.prune_layers = prune_layers
         self.cost = CostModel(analysis, table.ms, table.correction(analysis))
@@ -114,42 +54,54 @@ class _Planner:
         self.predicted_original = self.cost.predict_ms(Plan.fold_only(analysis))
         # budgets are fractions of the *measured* folded original where the table has it
         self.original_ms = self.reference["original_ms"] if self.reference else self.predicted_original
-        self._problem: _Concatenated | None = None
+        self._problem: Problem | None = None
 
     @property
-    def problem(self) -> "_Concatenated":
+    def problem(self) -> Problem:
         if self._problem is None:
-            self._problem = _concatenate(self.analysis, self.cost, self.importance, self.prune_layers)
-            _check_coverable(self.analysis, self._problem)
+            self._problem = build_problem(self.analysis, self.cost, self.importance, self.prune_layers)
+            check_coverable(self.analysis, self._problem)
         return self._problem
 
     def select(self, target_ms: float) -> Plan:
-        chosen = _select(self.analysis, self.problem, target_ms - self.rest, self.rest, self.resolution)
-        return self.finish(chosen, target_ms)
+        chosen, importance = select_plan(self.analysis, self.problem, target_ms, self.rest, self.resolution)
+        return self.finish(chosen, target_ms, importance)
 
     def keep_all(self) -> Plan:
-        return self.finish(self.cost.merge_where_faster(keep="all"), None)
+        return self.finish(self.cost.merge_where_faster(keep="all"), None, None)
 
     def frontier(self, max_ms: float | None) -> list[Plan]:
-        points = dp.frontier(self.problem.times, self.problem.importance, self.problem.length,
-                             candidates=self.problem.candidates, position_costs=self.problem.position_costs,
-                             resolution=self.resolution, max_budget=None if max_ms is None else max_ms - self.rest,
-                             options=self.problem.options)
-        return [self.finish(_to_plan(self.analysis, self.problem, sel), None) for sel in points]
+        return [self.finish(p, None, importance)
+                for p, importance in frontier_plans(self.analysis, self.problem, max_ms, self.rest, self.resolution)]
 
-    def finish(self, chosen: Plan, target_ms: float | None) -> Plan:
-        chosen.info.update(_report(self.analysis, self.cost, chosen, self.rest, self.predicted_original,
-                                   self.reference is not None, target_ms))
-        chosen.info["original_ms"] = self.original_ms
-        chosen.info["backend"] = self.table.backend
+    def finish(self, chosen: Plan, budget_ms: float | None, importance: float | None) -> Plan:
+        """The plan with its report: predicted latencies and the merged convs."""
+        chosen.report = PlanReport(predicted_original_ms=self.predicted_original,
+                                   predicted_planned_ms=self.rest + self.cost.terms_ms(chosen),
+                                   original_ms=self.original_ms, backend=self.table.backend,
+                                   end_to_end=self.reference is not None, budget_ms=budget_ms,
+                                   merged=self._merged(chosen), importance=importance)
         return chosen
+
+    def _merged(self, chosen: Plan) -> list[MergedConv]:
+        rows, lossy = [], set(chosen.border_changing())
+        for ci, a, b, cp, ms in self.cost.segment_rows(chosen):
+            pruned = [p for p in cp.pruned if a < p <= b]
+            if b - a > 1 or pruned:
+                spec = pruned_spec(self.analysis.chains[ci], a, b, pruned)
+                rows.append(MergedConv(ci, (a, b), cp.block_name(a, b).split(" = ")[1], b - a,
+                                       "x".join(map(str, spec.kernel)) if spec else "identity",
+                                       spec.groups if spec else "-", ms, tuple(cp.layers[p - 1].conv for p in pruned),
+                                       (ci, a, b) in lossy))
+        return rows
 
 
 def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None = None,
-         budget_ms: float | None = None, importance: Importance | None = None,
+         budget_ms: float | None = None, importance: ImportanceTable | Mapping[tuple, float] | None = None,
          example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
          measure_missing: bool = False, analysis: Analysis | None = None, backend: str | None = None,
-         verify: bool = False, verify_rounds: int = 3, prune_layers: bool = False, **trace_kwargs: Any) -> Plan:
+         verify: bool = False, verify_rounds: int = 3, prune_layers: bool = False,
+         save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None) -> Plan:
     """Choose which activations to keep and where to merge, exactly, under a latency budget.
 
     ``budget`` is a fraction of the BatchNorm-folded original's latency *as measured* on the
@@ -160,14 +112,17 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     score``) scores keeping the activations at positions i and j of a chain with every one
     between them dropped (pairs it lacks may not be chosen); without it every kept position is
     worth 1. ``example_inputs`` defaults to random inputs of the shapes the table was measured
-    with. ``resolution`` is the DP's cost grid in ms (default: the budget / 1000). ``backend``,
-    when given, is the backend the plan is for: a table measured for another one is refused,
-    as is one measured for another dtype or device than ``example_inputs``.
+    with, in the model's dtype and on its device. ``resolution`` is the DP's cost grid in ms
+    (default: the budget / 1000). ``backend``, when given, is the backend the plan is for: a
+    table measured for another one is refused, as is one measured for another dtype or device
+    than the inputs.
 
-    ``verify=True`` builds the compressed model and times it interleaved with the folded
-    original on the table's backend; when it misses the budget the observation corrects the
-    cost model (kept in the table, and saved where the table was measured or loaded) and it
-    plans again, for at most ``verify_rounds`` rounds (:func:`fxmerge.calibration.verify`).
+    ``measure_missing=True`` times the terms the table lacks first. ``verify=True`` builds the
+    compressed model and times it interleaved with the folded original on the table's backend;
+    when it misses the budget the observation corrects the cost model (kept in the table) and
+    it plans again, for at most ``verify_rounds`` rounds (:func:`fxmerge.verification.verify`).
+    What either adds to the table is written to ``save_to`` (a path; nothing is written
+    without it).
 
     ``prune_layers=True`` also lets the DP replace convs inside merged segments by the
     identity (LayerMerge): one exact DP over kept activations, merge boundaries and kept convs,
@@ -175,22 +130,21 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     (``LatencyTable.measure(..., prune_layers=True)``); importance scores them as
     ``(chain, i, j, pruned layers)`` (without it, each pruned conv counts -1).
 
-    The plan records the predicted latencies (``plan.info``; with ``verify``, every round's
-    prediction and measurement in ``plan.info["verify"]``) and prints as a report.
+    The plan records the predicted latencies (``plan.report``, ``plan.info`` in JSON; with
+    ``verify``, every round's prediction and measurement) and prints as a report.
     """
     budget, budget_ms = _check_budgets(budget, budget_ms)
     check_count("verify_rounds", verify_rounds, hint="plan-measure-correct rounds, e.g. 3")
+    check_flag("verify", verify)
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 measure_missing, analysis, backend, trace_kwargs, prune_layers)
+                                                 measure_missing, analysis, backend, trace, prune_layers, save_to)
     if budget is None and budget_ms is None:
         chosen = planner.keep_all()
         if verify:
-            from fxmerge.calibration import observe_plans  # measuring plans lives above the planner
-
-            ratio = observe_plans(latency_table, model, example_inputs, analysis, {"plan": chosen}, kind="verify",
-                                  **trace_kwargs)["plan"]
-            chosen.info["verify"] = [{"round": 1, "predicted_ms": planner.cost.predict_ms(chosen),
-                                      "measured_ms": ratio * planner.original_ms, "ratio": ratio}]
+            ratio = observe(latency_table, model, example_inputs, analysis, {"plan": chosen}, kind="verify",
+                            trace=trace)["plan"]
+            save_observations(latency_table, save_to)
+            chosen.report.verify = [VerifyRound(1, planner.cost.predict_ms(chosen), ratio * planner.original_ms, ratio)]
         return chosen
     if importance is None:
         log.info("fxmerge: no importance given, every kept activation counts 1; real importance needs data "
@@ -201,29 +155,29 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     if planner.reference is None:
         raise InvalidArgumentError("verify=True needs the table's end-to-end reference for this model: measure it "
                                    "with table.measure_missing(model, example_inputs)")
-    from fxmerge.calibration import verify as verified  # measuring plans lives above the planner
 
-    def fresh() -> _Planner:  # the correction re-fits on every observation a round adds
-        return _Planner(latency_table, analysis, planner.importance, resolution, prune_layers)
+    def fresh() -> Planner:  # the correction re-fits on every observation a round adds
+        return Planner(latency_table, analysis, planner.importance, resolution, prune_layers)
 
-    return verified(lambda aim: fresh().select(aim), lambda p: fresh().cost.predict_ms(p), latency_table, model,
-                    example_inputs, analysis, target, rounds=verify_rounds, **trace_kwargs)
+    return verification.verify(lambda aim: fresh().select(aim), lambda p: fresh().cost.predict_ms(p), latency_table, model,
+                               example_inputs, analysis, target, rounds=verify_rounds, save_to=save_to, trace=trace)
 
 
-def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importance | None = None, *,
+def frontier(model: nn.Module, latency_table: LatencyTable,
+             importance: ImportanceTable | Mapping[tuple, float] | None = None, *,
              example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
              max_budget: float | None = None, points: int | None = None, verify: bool = False,
              analysis: Analysis | None = None, backend: str | None = None, prune_layers: bool = False,
-             **trace_kwargs: Any) -> list[Plan]:
+             save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None) -> list[Plan]:
     """The Pareto set of plans — for every latency, the most important plan that fits —
-    fastest first, from one DP solve. Each plan's ``info`` holds its predicted latency (and
+    fastest first, from one DP solve. Each plan's report holds its predicted latency (and
     ``budget_ratio``: predicted over the original). ``max_budget`` (a fraction of the
     original) bounds the slowest point (default: the most important plan); ``points`` keeps
     that many, evenly spread in predicted latency. ``verify=True`` times the returned points
-    interleaved with the folded original on the table's backend (``info["measured_ms"]``,
-    ``info["measured_ratio"]``) and keeps them as observations; it needs ``points`` (each
-    point is a model to build and, on compiled backends, to compile). ``prune_layers`` as in
-    :func:`plan`.
+    interleaved with the folded original on the table's backend (``measured_ms``,
+    ``measured_ratio``) and keeps them as observations (written to ``save_to`` when given); it
+    needs ``points`` (each point is a model to build and, on compiled backends, to compile).
+    ``prune_layers`` as in :func:`plan`.
     """
     if max_budget is not None:
         max_budget = check_budget("max_budget", max_budget, "a fraction of the original's latency, e.g. 1.0")
@@ -232,27 +186,25 @@ def frontier(model: nn.Module, latency_table: LatencyTable, importance: Importan
     if verify and points is None:
         raise InvalidArgumentError("frontier(verify=True) measures every returned plan: give points=N (e.g. 6)")
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 False, analysis, backend, trace_kwargs, prune_layers)
+                                                 False, analysis, backend, trace, prune_layers, save_to)
     plans = planner.frontier(None if max_budget is None else max_budget * planner.original_ms)
     if points is not None and len(plans) > points:
         plans = _spread(plans, points)
     for p in plans:
-        p.info["budget_ratio"] = p.info["predicted_ms"]["planned"] / planner.original_ms
+        p.report.budget_ratio = p.report.predicted_planned_ms / planner.original_ms
     if verify:
-        from fxmerge.calibration import observe_plans, save_observations
-
-        ratios = observe_plans(latency_table, model, example_inputs, analysis, {p.fingerprint(): p for p in plans},
-                               kind="frontier", **trace_kwargs)
+        ratios = observe(latency_table, model, example_inputs, analysis, {p.fingerprint(): p for p in plans},
+                         kind="frontier", trace=trace)
         for p in plans:
-            p.info["measured_ratio"] = ratios[p.fingerprint()]
-            p.info["measured_ms"] = ratios[p.fingerprint()] * planner.original_ms
-        save_observations(latency_table)
+            p.report.measured_ratio = ratios[p.fingerprint()]
+            p.report.measured_ms = ratios[p.fingerprint()] * planner.original_ms
+        save_observations(latency_table, save_to)
     return plans
 
 
 def _spread(plans: list[Plan], count: int) -> list[Plan]:
     """``count`` plans evenly spread in predicted latency, the fastest and slowest included."""
-    lat = [p.info["predicted_ms"]["planned"] for p in plans]
+    lat = [p.report.predicted_planned_ms for p in plans]
     picked = []
     for k in range(count):
         goal = lat[0] + (lat[-1] - lat[0]) * k / (count - 1)
@@ -272,35 +224,51 @@ def _warn_if_options_unscored(analysis: Analysis, importance: Mapping) -> None:
                       "without importance", stacklevel=3)
 
 
-def _planner(model, table, importance, example_inputs, resolution, measure_missing, analysis, backend,
-             trace_kwargs, prune_layers: bool = False) -> tuple[_Planner, Analysis, tuple]:
+def _planner(model: nn.Module, table: Any, importance: Any, example_inputs: Any, resolution: Any,
+             measure_missing: bool, analysis: Analysis | None, backend: str | None, trace: TraceOptions | None,
+             prune_layers: bool, save_to: Any) -> tuple[Planner, Analysis, tuple]:
     """Arguments checked, the model analysed, the table completed if asked, importance
     extended: the planner for this call."""
-    importance = check_importance(importance)
+    scores = check_importance_scores(importance.scores if isinstance(importance, ImportanceTable) else importance) \
+        if importance is not None else None
     resolution = check_resolution(resolution)
     if not isinstance(table, LatencyTable):
         raise InvalidArgumentError(f"latency_table must be a fxmerge.LatencyTable (LatencyTable.load(path) reads a "
                                    f"saved one); got {type(table).__name__}")
     if backend is not None:
         check_choice("backend", backend, tuple(BACKENDS))
-    given = example_inputs is not None
-    example_inputs = check_inputs("example_inputs", example_inputs) if given else _example_inputs(table)
-    # Inputs made up from the table match its dtype by construction; their device is not its.
-    table.check_environment(example_inputs if given else None, backend=backend)
     check_flag("prune_layers", prune_layers)
+    check_flag("measure_missing", measure_missing)
+    if save_to is not None and not isinstance(save_to, (str, os.PathLike)):
+        raise InvalidArgumentError(f"save_to must be a path (str or os.PathLike); got {type(save_to).__name__}")
+    example_inputs = check_inputs("example_inputs", example_inputs) if example_inputs is not None else \
+        _example_inputs(table, model)
+    table.check_environment(example_inputs, backend=backend)
     if analysis is None:
-        analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, **trace_kwargs)
+        analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, trace=trace)
     elif prune_layers:
-        add_prune_options(analysis)
+        analysis = with_prune_options(analysis)
     if measure_missing:
-        table.measure_missing(model, example_inputs, analysis=analysis, prune_layers=prune_layers, **trace_kwargs)
+        before = len(table)
+        table.measure_missing(model, example_inputs, analysis=analysis, prune_layers=prune_layers, trace=trace)
+        _keep_measured(table, len(table) - before, save_to)
     table.require(analysis, prune_layers)
-    if importance is not None and hasattr(importance, "extend"):  # an ImportanceTable: extend to every pair
+    if isinstance(importance, ImportanceTable):  # extend to every pair of kept candidates
         _check_importance_model(importance, analysis)
-        importance = importance.extend(analysis)
-    if prune_layers and importance is not None:
-        _warn_if_options_unscored(analysis, importance)
-    return _Planner(table, analysis, importance, resolution, prune_layers), analysis, example_inputs
+        scores = importance.extend(analysis)
+    if prune_layers and scores is not None:
+        _warn_if_options_unscored(analysis, scores)
+    return Planner(table, analysis, scores, resolution, prune_layers), analysis, example_inputs
+
+
+def _keep_measured(table: LatencyTable, added: int, save_to: Any) -> None:
+    """Entries measured for a plan are saved where the caller said; a user who loaded the
+    table from a file is told they would be lost otherwise."""
+    if save_to is not None:
+        table.save(save_to)
+    elif added and table.source is not None:
+        warnings.warn(f"measured {added} entries missing from the latency table {table.source}, but did not save them "
+                      f"(a later run measures them again): pass save_to={table.source!r} to keep them", stacklevel=4)
 
 
 def _check_budgets(budget: Any, budget_ms: Any) -> tuple[float | None, float | None]:
@@ -314,113 +282,24 @@ def _check_budgets(budget: Any, budget_ms: Any) -> tuple[float | None, float | N
     return budget, budget_ms
 
 
-def _check_importance_model(importance: Any, analysis: Analysis) -> None:
+def _check_importance_model(importance: ImportanceTable, analysis: Analysis) -> None:
     """An importance table estimated for another model scores other positions: refuse it."""
     made_for = importance.meta.get("model", {}).get("structure")
-    here = Plan.fold_only(analysis).fingerprint()
+    here = structure_digest(analysis)
     if made_for is not None and made_for != here:
         raise EnvironmentMismatchError(
             f"the importance table was estimated for another model (structure {made_for}, this model's is {here}); "
             "estimate importance for this model")
 
 
-def _check_coverable(analysis: Analysis, problem: _Concatenated) -> None:
-    """Every chain needs a sequence of scored pairs from its start to its end; name the chain
-    and the pairs whose scores are missing when one has none (instead of a bare DP failure)."""
-    for chain in analysis.chains:
-        off = problem.offsets[chain.index]
-        scored = {(i - off, j - off) for i, j in problem.importance if off <= i and j <= off + chain.length}
-        reached = {0}
-        for j in chain.kept_candidates[1:]:
-            if any((i, j) in scored for i in reached):
-                reached.add(j)
-        if chain.length in reached:
-            continue
-        points = chain.kept_candidates
-        missing = [(chain.index, a, b) for a, b in zip(points[:-1], points[1:]) if (a, b) not in scored]
-        shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise InvalidArgumentError(
-            f"importance has no scores that lead through chain {chain.index} ({chain.name()}): no scored pairs of "
-            f"kept activations go from position 0 to {chain.length} (kept activations are possible at "
-            f"{', '.join(map(str, points))}). Missing, among others: importance[(chain, i, j)] for {shown}. "
-            "Score those pairs (an ImportanceTable from estimate/calibrate has them), or pass importance=None.")
-
-
-def _example_inputs(table: LatencyTable) -> tuple[torch.Tensor, ...]:
-    shapes = {str(r["inputs"]): r["inputs"] for r in table.references.values()}
-    shapes = list(shapes.values())
+def _example_inputs(table: LatencyTable, model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the shapes the table was measured with, in the model's float dtype and
+    on its device — so a table measured for another dtype or device is refused, not used."""
+    shapes = list({str(r["inputs"]): r["inputs"] for r in table.references.values()}.values())
     if len(shapes) != 1:
         raise InvalidArgumentError(f"pass example_inputs=...: the latency table holds {len(shapes)} reference input "
                                    "shapes, not one, so the model's input shape is not known")
-    dtype = getattr(torch, table.fingerprint.get("dtype", "float32"))
-    return tuple(torch.randn(s, dtype=dtype) for s in shapes[0])
-
-
-def _select(analysis: Analysis, problem: _Concatenated, budget: float, rest: float, resolution: float | None) -> Plan:
-    try:
-        sel = dp.select(problem.times, problem.importance, problem.length, budget, candidates=problem.candidates,
-                        position_costs=problem.position_costs, resolution=resolution, options=problem.options)
-    except dp.InfeasibleBudget as exc:
-        smallest = exc.smallest + rest
-        raise InfeasibleBudgetError(
-            f"no plan fits {exc.budget + rest:.4g} ms; the smallest feasible budget is {smallest:.4g} ms "
-            f"(predicted end-to-end). Raise the budget.{_hint(analysis, problem, smallest, rest)}", smallest) from None
-    except dp.InvalidInput as exc:  # what the argument checks above did not already refuse
-        raise InvalidArgumentError(str(exc)) from None
-    return _to_plan(analysis, problem, sel)
-
-
-def _to_plan(analysis: Analysis, problem: _Concatenated, sel: dp.Selection) -> Plan:
-    choice, pruned = {}, {}
-    for chain in analysis.chains:
-        kept = [p for p in problem.local(chain, sel.kept) if p in chain.droppable]
-        choice[chain.index] = (kept, problem.local(chain, sel.boundaries))
-        off = problem.offsets[chain.index]
-        pruned[chain.index] = [p for i, j, k in sel.options if off <= i and j <= off + chain.length
-                               for p in problem.pruned[(i, j)][k]]
-    chosen = Plan.from_positions(analysis, choice, pruned=pruned)
-    chosen.info["importance"] = sel.importance  # the DP's objective: summed importance of kept pairs
-    return chosen
-
-
-def _hint(analysis: Analysis, problem: _Concatenated, smallest: float, rest: float) -> str:
-    original = rest + sum(problem.times[(problem.offsets[c.index] + p - 1, problem.offsets[c.index] + p)]
-                          for c in analysis.chains for p in range(1, c.length + 1))
-    if smallest >= 0.95 * original:
-        return (" On this hardware and backend merging barely pays for this model: the table says the merged "
-                "convs cost about what the layers they replace do.")
-    return ""
-
-
-def probe_plans(analysis: Analysis, cost: CostModel, fractions: Sequence[float]) -> dict[str, Plan]:
-    """Plans the DP picks with uniform importance at ``fractions`` of the original's summed
-    terms (no rest, no correction): what references should look like, because they are what
-    the DP picks. Infeasible fractions are left out."""
-    if not any(j - i > 1 for c in analysis.chains for i, j in c.valid_blocks):
-        return {}
-    problem = _concatenate(analysis, cost, None)
-    full = cost.terms_ms(Plan.fold_only(analysis))
-    out = {}
-    for fraction in fractions:
-        try:
-            out[f"dp-{fraction:g}"] = _select(analysis, problem, fraction * full, 0.0, None)
-        except InfeasibleBudgetError:
-            continue
-    return out
-
-
-def _report(analysis: Analysis, cost: CostModel, plan: Plan, rest: float, original: float, end_to_end: bool,
-            budget_ms: float | None) -> dict:
-    rows = []
-    for ci, a, b, cp, ms in cost.segment_rows(plan):
-        pruned = [p for p in cp.pruned if a < p <= b]
-        if b - a > 1 or pruned:
-            spec = pruned_spec(analysis.chains[ci], a, b, pruned)
-            rows.append({"chain": ci, "block": [a, b], "layers": cp.block_name(a, b).split(" = ")[1],
-                         "replaces": b - a, "kernel": "x".join(map(str, spec.kernel)) if spec else "identity",
-                         "groups": spec.groups if spec else "-", "ms": ms,
-                         "pruned": [cp.layers[p - 1][0] for p in pruned]})
-    planned = rest + cost.terms_ms(plan)
-    return {"predicted_ms": {"original": original, "planned": planned}, "budget_ms": budget_ms,
-            "end_to_end": end_to_end, "merged": rows}
-
+    param = next((p for p in model.parameters() if p.is_floating_point()), None) if isinstance(model, nn.Module) \
+        else None
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, torch.device("cpu"))
+    return tuple(torch.randn(s, dtype=dtype, device=device) for s in shapes[0])

@@ -1,10 +1,16 @@
 """``Plan``: which activations each chain keeps and where its merged convolutions end.
 
+>>> import torch, torchvision, fxmerge
+>>> analysis = fxmerge.analyze(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),))
+>>> fxmerge.Plan.keep_all(analysis).is_exact, fxmerge.Plan.drop_all(analysis).is_exact
+(True, False)
+
 A plan carries the structure it was made for — per chain the layers (node names and
-geometry), activation kinds, identity skips, forced breaks and consumers — and the example input
-shapes. Applying it re-traces the model and compares that structure first, so a plan cannot be
-applied to a model it does not fit (:class:`~fxmerge.PlanMismatchError` names the first
-difference). Plans round-trip through JSON.
+geometry, BatchNorm and pad nodes), activation kinds, identity skips, forced breaks and
+consumers — and the example input shapes. Applying it re-traces the model and compares that
+structure first, so a plan cannot be applied to a model it does not fit
+(:class:`~fxmerge.PlanMismatchError` names the first difference). Plans round-trip through
+JSON; a plan file is checked field by field when it is read.
 """
 from __future__ import annotations
 
@@ -14,27 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from fxmerge.arguments import check_torch_dtype, is_int
 from fxmerge.errors import InvalidPlanError, MalformedFileError, PlanMismatchError
-from fxmerge.serialization import check_header, read_json, write_json
 from fxmerge.passes.dp import optimal_merge_times
+from fxmerge.records import Analysis, Chain, LayerNodes, droppable_positions, residual_conflict, span_name
+from fxmerge.report import PlanReport
+from fxmerge.serialization import check_header, read_json, write_json
 
 FORMAT, VERSION = "fxmerge.plan", 2
+RETIRED = {1: "a version-1 plan, which predates structure records (plans are now checked against the model's "
+              "structure). Re-create it with fxmerge.plan."}
+MAX_INPUT_ELEMENTS = 1 << 31  # an input shape beyond this is a typo, not a model input
 
 
 @dataclass(frozen=True)
 class ChainPlan:
     """One chain's structure (by node names) and its choice: kept activations and boundaries.
 
-    ``layers[p - 1]`` is ``(conv, pad, bn)`` of layer p; ``activations`` maps positions to
-    activation nodes; ``skips`` are ``(source, target, add node)``; ``breaks`` are interior
-    forced breaks; ``borders`` are activation-free positions whose next layer pads its input
-    (a merge across one moves that padding). ``keep`` holds the droppable positions whose
-    activation stays and ``boundaries`` the interior positions where a merged convolution
-    ends (⊇ keep ∪ breaks); ``pruned`` the layers replaced by the identity (LayerMerge).
-    ``signature`` is the chain's recorded structure.
+    ``layers[p - 1]`` are the nodes of layer p; ``activations`` maps positions to activation
+    nodes; ``skips`` are ``(source, target, add node)``; ``breaks`` are interior forced
+    breaks; ``borders`` are activation-free positions whose next layer pads its input (a merge
+    across one moves that padding). ``keep`` holds the droppable positions whose activation
+    stays and ``boundaries`` the interior positions where a merged convolution ends (⊇ keep ∪
+    breaks); ``pruned`` the layers replaced by the identity (LayerMerge). ``signature`` is the
+    chain's recorded structure, from which all of the above but the choice derive.
     """
 
-    layers: tuple[tuple[str, str | None, str | None], ...]
+    layers: tuple[LayerNodes, ...]
     activations: Mapping[int, str]
     skips: tuple[tuple[int, int, str], ...]
     breaks: tuple[int, ...]
@@ -50,7 +62,7 @@ class ChainPlan:
 
     @property
     def droppable(self) -> tuple[int, ...]:
-        return tuple(sorted(p for p in self.activations if 0 < p < self.length and p not in self.breaks))
+        return tuple(droppable_positions(self.length, self.activations, self.breaks))
 
     @property
     def dropped(self) -> tuple[int, ...]:
@@ -76,45 +88,113 @@ class ChainPlan:
         return [p for p in range(a + 1, b + 1) if p not in self.pruned]
 
     def name(self) -> str:
-        return self.layers[0][0] if self.length == 1 else f"{self.layers[0][0]}..{self.layers[-1][0]}"
+        return span_name(self.layers[0].conv, self.layers[-1].conv)
 
     def block_name(self, i: int, j: int) -> str:
-        first, last = self.layers[i][0], self.layers[j - 1][0]
-        return f"({i}, {j}] = {first}" + ("" if first == last else f"..{last}")
+        return f"({i}, {j}] = {span_name(self.layers[i].conv, self.layers[j - 1].conv)}"
 
     def to_dict(self) -> dict:
         return {
-            "layers": [{"conv": c, "pad": p, "bn": b} for c, p, b in self.layers],
+            "layers": [l._asdict() for l in self.layers],
             "activations": {str(p): n for p, n in sorted(self.activations.items())},
             "skips": [list(s) for s in self.skips],
             "breaks": list(self.breaks),
             "borders": list(self.borders),
             "keep": [self.activations[p] for p in self.keep],
-            "merge_after": [self.layers[p - 1][0] for p in self.boundaries],
+            "merge_after": [self.layers[p - 1].conv for p in self.boundaries],
             "signature": dict(self.signature),
-            **({"prune": [self.layers[p - 1][0] for p in self.pruned]} if self.pruned else {}),
+            **({"prune": [self.layers[p - 1].conv for p in self.pruned]} if self.pruned else {}),
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChainPlan":
-        layers = tuple((x["conv"], x["pad"], x["bn"]) for x in d["layers"])
-        acts = {int(p): n for p, n in d["activations"].items()}
+    def from_dict(cls, d: Any, where: str = "chain") -> "ChainPlan":
+        """A chain plan from its JSON form. The structure comes from ``signature`` (the record
+        checked against the model when the plan is applied); the plain fields beside it must
+        agree with it. Raises :class:`MalformedFileError` naming the field."""
+        structure = _structure_from_signature(_field(d, "signature", dict, where), where)
+        for key in ("layers", "activations", "skips", "breaks"):
+            if key in d and _plain(d[key], key) != _plain(structure[key], key):
+                raise MalformedFileError(f"{where}.{key} disagrees with the chain's structure record (signature): "
+                                         f"{_plain(d[key], key)!r} vs {_plain(structure[key], key)!r}; the file was "
+                                         "edited or damaged: re-create the plan with fxmerge.plan")
+        acts = structure["activations"]
         by_act = {n: p for p, n in acts.items()}
-        by_conv = {c: p for p, (c, _, _) in enumerate(layers, start=1)}
-        prune = d.get("prune", [])
-        unknown = ([n for n in d["keep"] if n not in by_act] + [c for c in d["merge_after"] if c not in by_conv]
-                   + [c for c in prune if c not in by_conv])
+        by_conv = {layer.conv: p for p, layer in enumerate(structure["layers"], start=1)}
+        keep, cut = _names(d, "keep", where), _names(d, "merge_after", where)
+        prune = _names(d, "prune", where) if "prune" in d else []
+        unknown = [n for n in keep if n not in by_act] + [c for c in cut + prune if c not in by_conv]
         if unknown:
-            raise InvalidPlanError(f"kept activations / merge boundaries / pruned convs {unknown} are not nodes of "
-                                   "this chain")
-        return cls(layers, acts, tuple(tuple(s) for s in d["skips"]), tuple(d["breaks"]),
-                   tuple(sorted(by_act[n] for n in d["keep"])), tuple(sorted(by_conv[c] for c in d["merge_after"])),
-                   tuple(d["borders"]), dict(d["signature"]), tuple(sorted(by_conv[c] for c in prune)))
+            raise MalformedFileError(f"{where}: kept activations / merge boundaries / pruned convs {unknown} are not "
+                                     "nodes of this chain")
+        borders = _field(d, "borders", list, where)
+        if not all(is_int(p) for p in borders):
+            raise MalformedFileError(f"{where}.borders must be a list of positions (integers); got {borders!r}")
+        return cls(**structure, keep=tuple(sorted(by_act[n] for n in keep)),
+                   boundaries=tuple(sorted(by_conv[c] for c in cut)), borders=tuple(borders),
+                   signature=dict(d["signature"]), pruned=tuple(sorted(by_conv[c] for c in prune)))
 
 
-def _structure(chain: Any) -> dict:
+def _field(d: Any, key: str, kind: type, where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise MalformedFileError(f"{where} has no field '{key}'")
+    if not isinstance(d[key], kind):
+        raise MalformedFileError(f"{where}.{key} must be a JSON {'object' if kind is dict else 'array'}; "
+                                 f"got {d[key]!r}")
+    return d[key]
+
+
+def _names(d: dict, key: str, where: str) -> list[str]:
+    names = _field(d, key, list, where)
+    if not all(isinstance(n, str) for n in names):
+        raise MalformedFileError(f"{where}.{key} must be a list of node names; got {names!r}")
+    return names
+
+
+def _plain(value: Any, key: str) -> Any:
+    """A structure field in one comparable form, from JSON or from the record."""
+    if key == "layers":
+        return [[l["conv"], l["pad"], l["bn"]] if isinstance(l, dict) else list(l) for l in value] \
+            if isinstance(value, list) else [list(l) for l in value]
+    if key == "activations":
+        return {str(p): n for p, n in value.items()} if isinstance(value, dict) else value
+    return [list(v) if isinstance(v, (list, tuple)) else v for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _structure_from_signature(sig: dict, where: str) -> dict:
+    """The rewrite's records (layers, activations, skips, breaks) from a chain signature,
+    checked for type and range."""
+    bad = f"{where}.signature"
+    layers = sig.get("layers")
+    if not isinstance(layers, list) or not layers or not all(
+            isinstance(l, list) and len(l) == 4 and isinstance(l[0], str) and all(x is None or isinstance(x, str)
+                                                                             for x in l[1:3]) for l in layers):
+        raise MalformedFileError(f"{bad}.layers must list [conv, pad or null, bn or null, geometry] per layer; "
+                                 f"got {layers!r}")
+    n = len(layers)
+    acts = sig.get("activations")
+    if not isinstance(acts, dict) or not all(
+            isinstance(p, str) and p.isdigit() and 0 < int(p) <= n and isinstance(v, list) and len(v) == 2
+            and isinstance(v[0], str) for p, v in acts.items()):
+        raise MalformedFileError(f"{bad}.activations must map positions 1..{n} to [node, kind]; got {acts!r}")
+    skips = sig.get("skips")
+    if not isinstance(skips, list) or not all(
+            isinstance(s, list) and len(s) == 3 and is_int(s[0]) and is_int(s[1]) and 0 <= s[0] < s[1] <= n
+            and isinstance(s[2], str) for s in skips):
+        raise MalformedFileError(f"{bad}.skips must list [source, target, add node] with 0 <= source < target "
+                                 f"<= {n}; got {skips!r}")
+    breaks = sig.get("breaks")
+    if not isinstance(breaks, dict) or not all(isinstance(p, str) and p.isdigit() and 0 < int(p) < n for p in breaks):
+        raise MalformedFileError(f"{bad}.breaks must map interior positions to reasons; got {breaks!r}")
+    if not isinstance(sig.get("end"), str):
+        raise MalformedFileError(f"{bad}.end must say what consumes the chain's end; got {sig.get('end')!r}")
+    return dict(layers=tuple(LayerNodes(*l[:3]) for l in layers),
+                activations={int(p): v[0] for p, v in acts.items()},
+                skips=tuple((s[0], s[1], s[2]) for s in skips), breaks=tuple(sorted(int(p) for p in breaks)))
+
+
+def _structure(chain: Chain) -> dict:
     return dict(
-        layers=tuple((l.conv, l.pad, l.bn) for l in chain.layers),
+        layers=tuple(l.nodes for l in chain.layers),
         activations={p: name for p, (name, _) in chain.activations.items()},
         skips=tuple((s.source, s.target, s.add) for s in chain.skips),
         breaks=tuple(sorted(chain.breaks)),
@@ -123,7 +203,7 @@ def _structure(chain: Any) -> dict:
     )
 
 
-def cheapest_cover(chain: Any, fixed: Iterable[int], times: dict[tuple[int, int], float] | None = None) -> tuple[int, ...]:
+def cheapest_cover(chain: Chain, fixed: Iterable[int], times: dict[tuple[int, int], float] | None = None) -> tuple[int, ...]:
     """Boundaries ⊇ ``fixed`` that cover each run between them with valid blocks at the least
     summed ``times`` (default: every block counts 1, so the fewest blocks)."""
     cuts = sorted({0, chain.length, *fixed})
@@ -141,35 +221,43 @@ class Plan:
     Build one with :meth:`keep_all`, :meth:`fold_only`, :meth:`drop_all`, :meth:`from_sets` or
     the DP (``fxmerge.plan``); apply it with ``fxmerge.linearize`` / ``fxmerge.merge``.
     ``inputs`` records the example input shapes the plan was made at (re-tracing a model
-    whose padding depends on the input size needs them).
+    whose padding depends on the input size needs them), ``capture`` how the model was
+    captured (``"fx"`` or ``"export"``), ``report`` what ``fxmerge.plan`` predicted (and
+    measured) for it; ``info`` is that report's JSON form.
     """
 
     chains: list[ChainPlan]
-    info: dict = field(default_factory=dict)
+    report: PlanReport | None = None
     inputs: list[dict] = field(default_factory=list)
+    capture: str = "fx"
+
+    @property
+    def info(self) -> dict:
+        """The plan's report as JSON (``{}`` for plans not made by ``fxmerge.plan``)."""
+        return self.report.to_dict() if self.report is not None else {}
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def keep_all(cls, analysis: Any) -> "Plan":
+    def keep_all(cls, analysis: Analysis) -> "Plan":
         """Keep every activation; merge every activation-free run as far as merging stays exact
         (never across a border position): the result equals the original model."""
         return cls.from_positions(analysis, {c.index: (c.droppable, None) for c in analysis.chains})
 
     @classmethod
-    def drop_all(cls, analysis: Any) -> "Plan":
+    def drop_all(cls, analysis: Analysis) -> "Plan":
         """Drop every droppable activation and merge as far as valid, border positions included
         (the most merging the analysis allows; not equal to the original)."""
         return cls.from_positions(analysis, {c.index: ((), None) for c in analysis.chains}, lossy=True)
 
     @classmethod
-    def fold_only(cls, analysis: Any) -> "Plan":
+    def fold_only(cls, analysis: Analysis) -> "Plan":
         """Keep every activation and merge nothing: each conv only absorbs its BatchNorm
         (the baseline speed-ups are measured against, as in the paper)."""
         return cls.from_positions(analysis, {c.index: (c.droppable, range(1, c.length)) for c in analysis.chains})
 
     @classmethod
-    def from_positions(cls, analysis: Any, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]], *,
+    def from_positions(cls, analysis: Analysis, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]], *,
                        lossy: bool = False, pruned: Mapping[int, Iterable[int]] | None = None) -> "Plan":
         """``choice[chain index] = (kept positions, boundaries or None)``; None merges each run
         between kept activations and forced breaks with the fewest valid blocks — and, unless
@@ -184,13 +272,13 @@ class Plan:
             bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | set(keep) | set(chain.breaks)))
             cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds,
                            pruned=tuple(sorted(set(pruned.get(chain.index, ())))))
-            validate_chain(cp, chain.index)
+            check_chain_rules(cp, chain.index)
             check_prunable(cp, chain, chain.index)
             chains.append(cp)
-        return cls(chains, inputs=list(getattr(analysis, "inputs", [])))
+        return cls(chains, inputs=list(analysis.inputs), capture=analysis.capture)
 
     @classmethod
-    def from_sets(cls, analysis: Any, keep: Iterable[str], merge_after: Iterable[str] | None = None, *,
+    def from_sets(cls, analysis: Analysis, keep: Iterable[str], merge_after: Iterable[str] | None = None, *,
                   lossy: bool = False, prune: Iterable[str] = ()) -> "Plan":
         """A plan from explicit node names: ``keep`` the activation nodes to keep (every other
         droppable one is dropped); ``merge_after`` the conv nodes after which a merged conv
@@ -225,12 +313,14 @@ class Plan:
 
     # ------------------------------------------------------------------ structure
 
-    def check_structure(self, analysis: Any) -> None:
+    def check_structure(self, analysis: Analysis) -> None:
         """Raise :class:`PlanMismatchError` naming the first difference between the structure
         this plan was made for and ``analysis`` (a fresh trace of the model it is applied to)."""
         chains = analysis.chains
         for index, (cp, chain) in enumerate(zip(self.chains, chains)):
             difference = _first_difference(cp.signature, chain.signature())
+            if difference is None and tuple(cp.borders) != tuple(chain.borders):
+                difference = f"border positions {list(cp.borders)} in the plan, {chain.borders} in this model"
             if difference:
                 raise PlanMismatchError(
                     f"plan built for a different model: chain {index} ({cp.name()}): {difference}. "
@@ -269,6 +359,19 @@ class Plan:
         return [(i, a, b) for i, c in enumerate(self.chains) for a, b in c.segments() if c.moved_borders(a, b)]
 
     def __str__(self) -> str:
+        from_dp = self.report is not None
+        head = (f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs; "
+                f"{self._exactness()}")
+        return "\n".join([head, self.report.table() if from_dp else self._chain_table()])
+
+    def _exactness(self) -> str:
+        if self.is_exact:
+            return "exact: equals the original model"
+        pruned = f", prunes {self.num_pruned} convs" if self.num_pruned else ""
+        return (f"lossy: drops {sum(len(c.dropped) for c in self.chains)} activations{pruned}, "
+                f"{len(self.border_changing())} merges move padding across borders")
+
+    def _chain_table(self) -> str:
         from tabulate import tabulate
 
         rows = []
@@ -277,64 +380,38 @@ class Plan:
                       for a, b in c.segments() if b - a > 1]
             rows.append([i, c.name(), c.length, sum(1 for a, b in c.segments() if c.kept_layers(a, b)),
                          f"{len(c.keep)}/{len(c.droppable)}", "; ".join(merged) or "-",
-                         ", ".join(c.layers[p - 1][0] for p in c.pruned) or "-"])
-        table = tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks", "pruned"])
-        pruned = f", prunes {self.num_pruned} convs" if self.num_pruned else ""
-        exact = "exact: equals the original model" if self.is_exact else (
-            f"lossy: drops {sum(len(c.dropped) for c in self.chains)} activations{pruned}, "
-            f"{len(self.border_changing())} merges move padding across borders")
-        head = (f"fxmerge plan {self.fingerprint()}: {sum(c.length for c in self.chains)} -> {self.num_convs} convs; "
-                f"{exact}")
-        return "\n".join([head, self.prediction_report() if "predicted_ms" in self.info else table])
+                         ", ".join(c.layers[p - 1].conv for p in c.pruned) or "-"])
+        return tabulate(rows, headers=["chain", "layers", "L", "convs after", "kept acts", "merged blocks", "pruned"])
 
     def prediction_report(self) -> str:
-        """One row per merged conv (layers it replaces, kernel, groups, whether it moves padding
-        across a border, predicted ms) and the predicted totals, for plans made by ``fxmerge.plan``."""
-        from tabulate import tabulate
-
-        info = self.info
-        lossy = {(ci, a, b) for ci, a, b in self.border_changing()}
-        rows = [[r["chain"], r["layers"], r["replaces"], r["kernel"], r["groups"],
-                 "borders change" if (r["chain"], *r["block"]) in lossy else "", ", ".join(r.get("pruned", [])),
-                 f"{r['ms']:.3f}"]
-                for r in info.get("merged", [])]
-        pred = info["predicted_ms"]
-        scope = "end to end" if info.get("end_to_end") else "chains only: the table has no reference for this model"
-        budget = f"; budget {info['budget_ms']:.3f} ms" if info.get("budget_ms") is not None else ""
-        if not any(r[6] for r in rows):
-            rows = [r[:6] + r[7:] for r in rows]
-        headers = ["chain", "merged conv replaces", "layers", "kernel", "groups", "", "pruned", "pred. ms"]
-        table = tabulate(rows, headers=headers if any(len(r) == 8 for r in rows) else headers[:6] + headers[7:]) \
-            if rows else "(no merged convs)"
-        return (f"{table}\npredicted latency ({scope}): original {pred['original']:.3f} ms -> planned "
-                f"{pred['planned']:.3f} ms ({pred['original'] / pred['planned']:.2f}x faster){budget}")
+        """One row per merged conv and the predicted totals, for plans made by ``fxmerge.plan``."""
+        if self.report is None:
+            raise InvalidPlanError("this plan was not made by fxmerge.plan: it has no predictions")
+        return self.report.table()
 
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "inputs": self.inputs, "chains": [c.to_dict() for c in self.chains],
-                "info": self.info}
+        return {"format": FORMAT, "version": VERSION, "capture": self.capture, "inputs": self.inputs,
+                "chains": [c.to_dict() for c in self.chains], "info": self.info}
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
+    def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
         """A plan from its JSON form; a malformed one raises :class:`MalformedFileError` naming
         ``source`` and what is wrong."""
-        if not isinstance(d, dict):
-            raise MalformedFileError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("format") == FORMAT and d.get("version") == 1:
-            raise MalformedFileError(f"{source}: a version-1 plan, which predates structure records (plans are now "
-                                     "checked against the model's structure). Re-create it with fxmerge.plan.")
-        check_header(d, FORMAT, VERSION, MalformedFileError, source=source)
+        check_header(d, FORMAT, VERSION, MalformedFileError, source=source, retired=RETIRED)
         try:
-            chains = [ChainPlan.from_dict(c) for c in d["chains"]]
-            plan = cls(chains, dict(d.get("info", {})), [dict(x) for x in d["inputs"]])
-        except InvalidPlanError as exc:
+            chains = [ChainPlan.from_dict(c, f"chains[{k}]") for k, c in enumerate(_field(d, "chains", list, "plan"))]
+            inputs = [_input_spec(x, f"inputs[{k}]") for k, x in enumerate(_field(d, "inputs", list, "plan"))]
+            report = _report(d.get("info", {}))
+            capture = d.get("capture", "fx")
+            if capture not in ("fx", "export"):
+                raise MalformedFileError(f"capture must be 'fx' or 'export'; got {capture!r}")
+            plan = cls(chains, report, inputs, capture)
+            for i, c in enumerate(plan.chains):
+                check_chain_rules(c, i)
+        except (MalformedFileError, InvalidPlanError) as exc:
             raise MalformedFileError(f"{source}: {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MalformedFileError(f"{source}: missing or malformed field ({type(exc).__name__}: {exc}); "
-                                     "was it written by fxmerge's Plan.save?") from None
-        for i, c in enumerate(plan.chains):
-            validate_chain(c, i)
         return plan
 
     def save(self, path: str | Path) -> None:
@@ -345,7 +422,35 @@ class Plan:
         return cls.from_dict(read_json(path, "plan"), source=str(path))
 
 
-def validate_chain(c: ChainPlan, index: int) -> None:
+def _input_spec(x: Any, where: str) -> dict:
+    """An example input record ``{"shape": [...], "dtype": "float32"}``, checked."""
+    if not isinstance(x, dict):
+        raise MalformedFileError(f"{where} must be an object {{'shape': [...], 'dtype': ...}}; got {x!r}")
+    shape = x.get("shape")
+    if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
+        raise MalformedFileError(f"{where}.shape must be a list of sizes (integers >= 0); got {shape!r}")
+    elements = 1
+    for s in shape:
+        elements *= s
+    if elements > MAX_INPUT_ELEMENTS:
+        raise MalformedFileError(f"{where}.shape {shape} has {elements:.3g} elements, more than any model input "
+                                 f"fxmerge re-traces at ({MAX_INPUT_ELEMENTS:.3g}); the file is damaged")
+    check_torch_dtype(f"{where}.dtype", x.get("dtype"), MalformedFileError)
+    return {"shape": list(shape), "dtype": x["dtype"]}
+
+
+def _report(info: Any) -> PlanReport | None:
+    if not isinstance(info, dict):
+        raise MalformedFileError(f"info must be a JSON object; got {info!r}")
+    if not info:
+        return None
+    try:
+        return PlanReport.from_dict(info)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedFileError(f"info is not a plan report ({type(exc).__name__}: {exc})") from None
+
+
+def check_chain_rules(c: ChainPlan, index: int) -> None:
     """Raise :class:`InvalidPlanError` if a chain's sets break a merge rule."""
     where = f"chain {index} ({c.name()})"
     if not set(c.keep) <= set(c.droppable):
@@ -354,23 +459,23 @@ def validate_chain(c: ChainPlan, index: int) -> None:
         raise InvalidPlanError(f"{where}: every kept activation and forced break must be a merge boundary")
     if any(not 0 < b < c.length for b in c.boundaries):
         raise InvalidPlanError(f"{where}: boundaries must lie strictly inside 0..{c.length}")
+    adds = {(s, t): add for s, t, add in c.skips}
     for a, b in c.segments():
-        for s, t, add in c.skips:
-            if a < s < b < t or s < a < t < b:
-                raise InvalidPlanError(
-                    f"{where}: merged block {c.block_name(a, b)} cuts the residual '{add}' "
-                    f"({s}, {t}); end the block at {s} or {t}, or let it contain the whole span")
-        inside = [(s, t, add) for s, t, add in c.skips if a <= s and t <= b]
-        for s1, t1, add1 in inside:
-            for s2, t2, add2 in inside:
-                if s1 < s2 < t1 < t2:
-                    raise InvalidPlanError(
-                        f"{where}: merged block {c.block_name(a, b)} holds the residuals '{add1}' ({s1}, {t1}) and "
-                        f"'{add2}' ({s2}, {t2}), which cross; end a block at a position between {s2} and {t1}")
+        conflict = residual_conflict(a, b, adds)
+        if conflict is None:
+            continue
+        if len(conflict) == 1:
+            (s, t), = conflict
+            raise InvalidPlanError(
+                f"{where}: merged block {c.block_name(a, b)} cuts the residual '{adds[(s, t)]}' "
+                f"({s}, {t}); end the block at {s} or {t}, or let it contain the whole span")
+        (s1, t1), (s2, t2) = conflict
+        raise InvalidPlanError(
+            f"{where}: merged block {c.block_name(a, b)} holds the residuals '{adds[(s1, t1)]}' ({s1}, {t1}) and "
+            f"'{adds[(s2, t2)]}' ({s2}, {t2}), which cross; end a block at a position between {s2} and {t1}")
 
 
-
-def check_prunable(c: ChainPlan, chain: Any, index: int) -> None:
+def check_prunable(c: ChainPlan, chain: Chain, index: int) -> None:
     """Raise :class:`InvalidPlanError` if the plan prunes a layer the identity cannot replace
     (``chain`` is the analysis' chain: it knows the layers' shapes)."""
     for p in c.pruned:
@@ -378,8 +483,20 @@ def check_prunable(c: ChainPlan, chain: Any, index: int) -> None:
             raise InvalidPlanError(f"chain {index} ({c.name()}): pruned layer {p} is not in 1..{c.length}")
         why = chain.layers[p - 1].prune_blocker()
         if why is not None:
-            raise InvalidPlanError(f"chain {index} ({c.name()}): conv '{c.layers[p - 1][0]}' cannot be pruned: it "
+            raise InvalidPlanError(f"chain {index} ({c.name()}): conv '{c.layers[p - 1].conv}' cannot be pruned: it "
                                    f"{why}, which the identity cannot do. Prune only convs that keep every shape.")
+
+
+def _describe_layer(layer: list, other: list) -> str:
+    """A recorded layer ``[conv, pad, bn, geometry]`` in words, naming its pad and BatchNorm
+    where they are what differs from ``other``."""
+    conv, pad, bn, geometry = layer
+    parts = [geometry]
+    if pad != other[1]:
+        parts.append(f"zero pad {pad!r}" if pad else "no zero pad")
+    if bn != other[2]:
+        parts.append(f"BatchNorm {bn!r}" if bn else "no BatchNorm")
+    return f"{conv} ({', '.join(parts)})"
 
 
 def _first_difference(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
@@ -388,8 +505,8 @@ def _first_difference(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> 
         return "the plan carries no structure record"
     rec_layers, layers = recorded["layers"], found["layers"]
     for p, (a, b) in enumerate(zip(rec_layers, layers), start=1):
-        if a != b:
-            return f"layer {p}: the plan has {a[0]} ({a[3]}), this model {b[0]} ({b[3]})"
+        if list(a) != list(b):
+            return f"layer {p}: the plan has {_describe_layer(a, b)}, this model {_describe_layer(b, a)}"
     if len(rec_layers) != len(layers):
         return (f"{len(rec_layers)} layers in the plan, {len(layers)} in this model, where it ends at "
                 f"{found['end']}")

@@ -12,21 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Collection
+import secrets
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 def _a(noun: str) -> str:
@@ -35,10 +26,14 @@ def _a(noun: str) -> str:
 
 
 def check_header(data: Any, fmt: str, version: int | Collection[int], error: type[FxMergeError] = MalformedFileError,
-                 *, source: str | os.PathLike | None = None) -> None:
+                 *, source: str | os.PathLike | None = None, retired: Mapping[int, str] | None = None) -> None:
     """Raise ``error`` unless ``data`` is a ``fmt`` object of a supported ``version`` (one
-    version or several). ``source`` (a file) is named in the message."""
+    version or several). ``source`` (a file) is named in the message. ``retired`` maps old
+    versions this fxmerge no longer reads to what to say about them (why, and what to do)."""
     where = f"{source}: " if source is not None else ""
+    if isinstance(data, dict) and data.get("format") == fmt and type(data.get("version")) is int \
+            and data["version"] in (retired or {}):
+        raise error(f"{where}{retired[data['version']]}")
     if not isinstance(data, dict):
         raise error(f"{where}not {_a(fmt)} file: it holds a JSON {_json_kind(data)}, not an object")
     found = data.get("format")
@@ -47,8 +42,10 @@ def check_header(data: Any, fmt: str, version: int | Collection[int], error: typ
         raise error(f"{where}not {_a(fmt)} file ({what}); pass a file that fxmerge saved as {fmt}")
     versions = (version,) if isinstance(version, int) else tuple(version)
     found = data.get("version")
-    if type(found) is not int or found not in versions:  # `type`: JSON true must not pass as 1
-        readable = " or ".join(map(str, versions))
+    readable = " or ".join(map(str, versions))
+    if type(found) is not int:  # `type`: JSON true must not pass as 1
+        raise error(f"{where}the 'version' field must be an integer ({readable} for this fxmerge); got {found!r}")
+    if found not in versions:
         raise error(f"{where}{fmt} version {found!r} is not supported (this fxmerge reads version {readable}); "
                     "re-create the file with this version of fxmerge")
 
@@ -57,20 +54,32 @@ def write_json(path: str | os.PathLike, data: dict, indent: int | None = None) -
     """Write ``data`` to ``path`` atomically (see the module's docstring)."""
     path = Path(path)
     text = json.dumps(data, indent=indent)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes files only their owner can read
+        if path.exists():  # a replaced file keeps its permissions
+            os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _sync_folder(path.parent)
+
+
+def _new_temporary(path: Path) -> tuple[int, str]:
+    """A new file of our own beside ``path``, created with mode 0o666 so that the process's
+    umask applies as for any new file (``tempfile.mkstemp`` would make it owner-only)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _sync_folder(folder: Path) -> None:

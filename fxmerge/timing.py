@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from fxmerge.validation import check_count, check_number
+from fxmerge.arguments import check_count, check_number
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -65,8 +66,8 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def calibrate(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_repeat_ms: float = 10.0,
-              warmup_ms: float = 0.0) -> int:
+def calls_per_sample(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_repeat_ms: float = 10.0,
+                     warmup_ms: float = 0.0) -> int:
     """Warm ``fn`` up (``warmup`` calls and at least ``warmup_ms``) and return how many calls
     make one repeat last ``min_repeat_ms``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -105,31 +106,51 @@ def sample(fn: Callable[[], object], device: torch.device, calls: int, repeats: 
     return out
 
 
+_SETTING_CHECKS = {
+    "rounds": lambda v: check_count("rounds", v, hint="interleaved passes over everything timed"),
+    "repeats": lambda v: check_count("repeats", v, hint="samples per entry, e.g. 9"),
+    "warmup": lambda v: check_count("warmup", v, minimum=0, hint="untimed calls before timing"),
+    "min_repeat_ms": lambda v: check_number("min_repeat_ms", v, minimum=0, hint="milliseconds per sample"),
+    "warmup_ms": lambda v: check_number("warmup_ms", v, minimum=0, hint="milliseconds of warm-up"),
+}
+
+
 def check_timing_settings(**settings: Any) -> None:
     """The timing arguments shared by measure_latency, compare_latency and LatencyTable."""
-    checks = {
-        "rounds": lambda v: check_count("rounds", v, hint="interleaved passes over everything timed"),
-        "repeats": lambda v: check_count("repeats", v, hint="samples per entry, e.g. 9"),
-        "warmup": lambda v: check_count("warmup", v, minimum=0, hint="untimed calls before timing"),
-        "min_repeat_ms": lambda v: check_number("min_repeat_ms", v, minimum=0, hint="milliseconds per sample"),
-        "warmup_ms": lambda v: check_number("warmup_ms", v, minimum=0, hint="milliseconds of warm-up"),
-    }
     for name, value in settings.items():
-        checks[name](value)
+        _SETTING_CHECKS[name](value)
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """How hard a latency table looks: samples per entry, calls per sample, warm-up."""
+
+    warmup: int = 3
+    repeats: int = 9
+    min_repeat_ms: float = 10.0
+    rounds: int = 3
+
+    def check(self) -> "TimingSettings":
+        check_timing_settings(**asdict(self))
+        return self
 
 
 class Progress:
-    """Progress of a long run on stderr: a one-line bar on a terminal; elsewhere (logs,
-    notebooks) a plain line every ``every_s`` seconds, so short runs stay silent."""
+    """Progress of a long run on stderr. ``enabled=None`` (the default): a one-line bar on a
+    terminal, elsewhere (logs, notebooks) a plain line every ``every_s`` seconds, so short runs
+    stay silent; ``True``: the bar; ``False``: nothing at all."""
 
     def __init__(self, total: int, what: str, enabled: bool | None = None, every_s: float = 10.0):
         self.total, self.what, self.done = total, what, 0
+        self.silent = enabled is False
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.every_s = every_s
         self.start = self.last = time.perf_counter()
 
     def step(self, n: int = 1) -> None:
         self.done += n
+        if self.silent:
+            return
         now = time.perf_counter()
         elapsed = now - self.start
         left = elapsed / self.done * (self.total - self.done) if self.done else 0.0

@@ -1,5 +1,5 @@
 """Recognisers for the fx nodes the passes care about: convolutions, BatchNorm, zero pads,
-activations (module, function and method forms, from an extensible registry), identity adds,
+activations (module, function and method forms, from :mod:`.activations`), identity adds,
 ops that are the identity in eval mode (``nn.Identity``, dropout) and value-free nodes (shape
 reads, asserts).
 
@@ -11,12 +11,10 @@ and BatchNorm's frozen and synchronised forms.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import math
 import operator
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,7 +24,9 @@ from torch.nn.utils import parametrize
 
 from fxmerge.algebra import ConvGeometry, Pads, unflat_pad
 
-_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+from .activations import registered_activations
+
+CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -40,7 +40,7 @@ def _batchnorm_modules() -> tuple[type, ...]:
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 
 
-_BN_MODULES = _batchnorm_modules()
+BN_MODULES = _batchnorm_modules()
 
 # Ops that are the identity in eval mode (fxmerge analyses and merges eval semantics).
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -59,111 +59,6 @@ _PURE_SCALAR_FUNCTIONS = {operator.getitem, operator.eq, operator.ne, operator.l
 
 
 # --------------------------------------------------------------------------- activations
-
-
-@dataclass(frozen=True)
-class ActivationKind:
-    """One registered nonlinearity and the fx forms it appears in."""
-
-    name: str
-    modules: tuple[type, ...] = ()
-    functions: tuple[Callable, ...] = ()
-    methods: tuple[str, ...] = ()
-
-
-_ACTIVATIONS: dict[str, ActivationKind] = {}
-
-
-def register_activation(name: str, *, modules: Iterable[type] = (), functions: Iterable[Callable] = (),
-                        methods: Iterable[str] = ()) -> ActivationKind:
-    """Teach the analysis a new elementwise activation (or more forms of a known one).
-
-    Registered module types are also kept whole when tracing (fx leaves), so an activation
-    written as a module with its own ``forward`` is seen as one node. The registry is global;
-    undo with :func:`unregister_activation`, or scope changes with :func:`activation_registry`.
-
-    >>> import torch.nn as nn
-    >>> with activation_registry():
-    ...     register_activation("Softsign", modules=[nn.Softsign]).name
-    'Softsign'
-    """
-    old = _ACTIVATIONS.get(name, ActivationKind(name))
-    kind = ActivationKind(name, old.modules + tuple(modules), old.functions + tuple(functions),
-                          old.methods + tuple(methods))
-    _ACTIVATIONS[name] = kind
-    return kind
-
-
-def unregister_activation(name: str) -> None:
-    """Forget a registered activation kind (every form of it)."""
-    _ACTIVATIONS.pop(name, None)
-
-
-@contextlib.contextmanager
-def activation_registry() -> Iterator[None]:
-    """Restore the activation registry on exit: registrations inside the block are undone."""
-    saved = dict(_ACTIVATIONS)
-    try:
-        yield
-    finally:
-        _ACTIVATIONS.clear()
-        _ACTIVATIONS.update(saved)
-
-
-def registered_activations() -> dict[str, ActivationKind]:
-    _register_zoo_activations()
-    return dict(_ACTIVATIONS)
-
-
-register_activation("ReLU", modules=[nn.ReLU], functions=[F.relu, F.relu_, torch.relu, torch.relu_], methods=["relu", "relu_"])
-register_activation("ReLU6", modules=[nn.ReLU6], functions=[F.relu6])
-register_activation("LeakyReLU", modules=[nn.LeakyReLU], functions=[F.leaky_relu, F.leaky_relu_])
-register_activation("Hardtanh", modules=[nn.Hardtanh], functions=[F.hardtanh, F.hardtanh_])
-register_activation("Hardswish", modules=[nn.Hardswish], functions=[F.hardswish])
-register_activation("SiLU", modules=[nn.SiLU], functions=[F.silu])
-register_activation("GELU", modules=[nn.GELU], functions=[F.gelu])
-register_activation("Mish", modules=[nn.Mish], functions=[F.mish])
-register_activation("ELU", modules=[nn.ELU], functions=[F.elu, F.elu_])
-register_activation("CELU", modules=[nn.CELU], functions=[F.celu])
-register_activation("SELU", modules=[nn.SELU], functions=[F.selu, torch.selu])
-register_activation("Sigmoid", modules=[nn.Sigmoid], functions=[torch.sigmoid, F.sigmoid], methods=["sigmoid", "sigmoid_"])
-register_activation("Hardsigmoid", modules=[nn.Hardsigmoid], functions=[F.hardsigmoid])
-register_activation("Tanh", modules=[nn.Tanh], functions=[torch.tanh, F.tanh], methods=["tanh", "tanh_"])
-register_activation("PReLU", modules=[nn.PReLU])
-
-_ZOO = {"done": False}
-
-
-def _register_zoo_activations() -> None:
-    """timm's activation modules and functions, registered under the kinds they compute — only
-    when the user's process already imported timm (never imported here: not a dependency)."""
-    if _ZOO["done"] or "timm" not in sys.modules:
-        return
-    _ZOO["done"] = True
-    try:
-        from timm.layers import activations as a, activations_me as me
-    except ImportError:  # a timm too old or too new to have these modules: nothing to add
-        return
-    forms = {
-        "SiLU": ([a.Swish, me.SwishMe], [a.swish, me.swish_me]),
-        "Mish": ([a.Mish, me.MishMe], [a.mish, me.mish_me]),
-        "Hardswish": ([a.HardSwish, me.HardSwishMe], [a.hard_swish, me.hard_swish_me]),
-        "Hardsigmoid": ([a.HardSigmoid, me.HardSigmoidMe], [a.hard_sigmoid, me.hard_sigmoid_me]),
-        "HardMish": ([a.HardMish, me.HardMishMe], [a.hard_mish, me.hard_mish_me]),
-        "GELU": ([a.GELU], [a.gelu]),
-        "GELUTanh": ([a.GELUTanh], [a.gelu_tanh]),
-        "QuickGELU": ([a.QuickGELU], [a.quick_gelu]),
-        "Sigmoid": ([a.Sigmoid], [a.sigmoid]),
-        "Tanh": ([a.Tanh], [a.tanh]),
-        "PReLU": ([a.PReLU], []),
-    }
-    for name, (modules, functions) in forms.items():
-        register_activation(name, modules=modules, functions=functions)
-
-
-def is_activation_module(module: nn.Module) -> bool:
-    """A registered activation module (traced as a leaf, so it stays one node)."""
-    return any(type(module) in kind.modules for kind in registered_activations().values())
 
 
 def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -291,7 +186,7 @@ def conv_call(gm: fx.GraphModule, node: fx.Node) -> tuple[ConvCall | None, str |
     cannot be merged (``why-not`` is None for nodes that are no convolution at all)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        ndim = _CONV_MODULES.get(conv_module_type(mod))
+        ndim = CONV_MODULES.get(conv_module_type(mod))
         if ndim is None:
             return None, None
         if mod.padding_mode != "zeros":
@@ -324,7 +219,7 @@ def conv_module_type(mod: nn.Module) -> type:
     """The conv class ``mod`` computes as: its exact type, or the conv class a parametrization
     (``torch.nn.utils.parametrizations.weight_norm`` ...) wraps — ``mod.weight`` is then the
     computed weight, which is what merging needs."""
-    if parametrize.is_parametrized(mod) and type(mod).__bases__[0] in _CONV_MODULES:
+    if parametrize.is_parametrized(mod) and type(mod).__bases__[0] in CONV_MODULES:
         return type(mod).__bases__[0]
     return type(mod)
 
@@ -366,7 +261,7 @@ def batchnorm_call(gm: fx.GraphModule, node: fx.Node) -> BatchNormCall | None:
     on parameters with ``training=False``)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if type(mod) not in _BN_MODULES or getattr(mod, "running_mean", None) is None:
+        if type(mod) not in BN_MODULES or getattr(mod, "running_mean", None) is None:
             return None
         t = node.target
         affine = getattr(mod, "weight", None) is not None
@@ -455,7 +350,7 @@ def describe_consumer(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         name = type(mod).__name__
-        if type(mod) in _CONV_MODULES and getattr(mod, "padding_mode", "zeros") != "zeros":
+        if type(mod) in CONV_MODULES and getattr(mod, "padding_mode", "zeros") != "zeros":
             return f"conv '{node.name}' with non-zero padding mode {mod.padding_mode!r}"
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))

@@ -2,7 +2,7 @@
 some of its layers by the identity, so its merged kernel stays small.
 
 >>> import torch, torchvision, fxmerge
->>> a = fxmerge.analyze(torchvision.models.mobilenet_v2(), (torch.randn(1, 3, 64, 64),), prune_layers=True)
+>>> a = fxmerge.analyze(torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 64, 64),), prune_layers=True)
 >>> sum(len(options) for c in a.chains for options in c.options.values()) > 0
 True
 
@@ -19,62 +19,50 @@ a block whose every layer is pruned is the identity (``spec`` None: nothing runs
 of residuals inside it, which stay explicit: ``x + x``).
 
 Subsets are enumerated by a DP over layer states: two prefixes of a block whose merged
-geometries will grow alike whatever follows (``_Run.state``) keep only the larger norm, so the
+geometries will grow alike whatever follows (``MergedRun.state``) keep only the larger norm, so the
 work is the number of distinct geometries, not of subsets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Iterable
 
-import torch
 import torch.fx as fx
 
-from fxmerge.algebra import ConvGeometry, fold_batchnorm
+from fxmerge.algebra import ConvGeometry
+from fxmerge.geometry import MergedRun, conv_macs
+from fxmerge.records import Analysis, BlockLimits, Chain, PruneOption, residual_conflict
 
-from . import patterns
-from .analysis import Analysis, BlockLimits, Chain, _Run, cuts_a_skip
-
-
-@dataclass(frozen=True)
-class PruneOption:
-    """Block (i, j] with layers ``pruned`` (numbered like positions) replaced by the identity:
-    ``spec`` is the merged conv of the kept layers (None: none kept, the block is the identity),
-    ``norm`` the summed L1 norm of its kept prunable layers (the representative rule)."""
-
-    pruned: tuple[int, ...]
-    spec: ConvGeometry | None
-    norm: float
+from .weights import folded_weights
 
 
-def add_prune_options(analysis: Analysis) -> Analysis:
-    """Fill ``chain.options`` for every chain of ``analysis`` (in place; done once) and return it."""
-    if getattr(analysis, "prune_layers", False):
+def with_prune_options(analysis: Analysis) -> Analysis:
+    """A copy of ``analysis`` whose chains carry their pruning options (``chain.options``);
+    ``analysis`` itself is left as it is. An analysis that has them is returned as it is."""
+    if analysis.prune_layers:
         return analysis
+    nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    chains = []
     for chain in analysis.chains:
-        norms = {p: layer_norm(analysis.graph_module, chain, p) for p in chain.prunable}
-        chain.options = block_options(chain, analysis.limits, norms)
-    analysis.prune_layers = True
-    return analysis
+        norms = {p: layer_norm(analysis.graph_module, chain, p, nodes) for p in chain.prunable}
+        chains.append(dataclasses.replace(chain, options=block_options(chain, analysis.limits, norms)))
+    return dataclasses.replace(analysis, chains=chains, prune_layers=True)
 
 
-def layer_norm(gm: fx.GraphModule, chain: Chain, p: int) -> float:
+def layer_norm(gm: fx.GraphModule, chain: Chain, p: int, nodes: dict[str, fx.Node] | None = None) -> float:
     """L1 norm of layer p's weight with its BatchNorm folded in (what the layer scales by)."""
     layer = chain.layers[p - 1]
-    nodes = {n.name: n for n in gm.graph.nodes}
-    call = patterns.conv_call(gm, nodes[layer.conv])[0]
+    weight, _, _ = folded_weights(gm, layer.conv, layer.bn, nodes=nodes)
+    return float(weight.abs().sum())
 
-    def tensor(target):
-        t = patterns.get_tensor(gm, target)
-        return None if t is None else t.detach().double()
 
-    weight = tensor(call.weight_target)
-    if layer.bn is not None:
-        bn = patterns.batchnorm_call(gm, nodes[layer.bn])
-        weight, _ = fold_batchnorm(weight, tensor(call.bias_target),
-                                   *(tensor(t) for t in (bn.mean, bn.var, bn.weight, bn.bias)), bn.eps)
-    with torch.no_grad():
-        return float(weight.abs().sum())
+def _run(chain: Chain, start: int) -> MergedRun:
+    return MergedRun([l.geometry for l in chain.layers], chain.skip_pairs(), start)
+
+
+def _replaced_macs(chain: Chain, i: int, j: int) -> int:
+    """Multiply-adds of the original layers of block (i, j] (what a merged conv replaces)."""
+    return sum(conv_macs(l.geometry, l.output_shape) for l in chain.layers[i:j] if l.output_shape is not None)
 
 
 def block_options(chain: Chain, limits: BlockLimits, norms: dict[int, float]) -> dict[tuple[int, int], list[PruneOption]]:
@@ -83,19 +71,22 @@ def block_options(chain: Chain, limits: BlockLimits, norms: dict[int, float]) ->
     skips, points = chain.skip_pairs(), set(chain.kept_candidates)
     for i in sorted(points - {chain.length}):
         # state -> (norm of kept prunable layers, pruned layers, any layer kept, the run)
-        states: dict[tuple, tuple[float, tuple[int, ...], bool, _Run]] = {(): (0.0, (), False, _Run(chain, i))}
-        unpruned = _Run(chain, i)
+        states: dict[tuple, tuple[float, tuple[int, ...], bool, MergedRun]] = {(): (0.0, (), False, _run(chain, i))}
+        unpruned = _run(chain, i)
         for j in range(i + 1, chain.length + 1):
             if j - 1 > i and (j - 1) in chain.breaks:
                 break  # as for unpruned blocks: nothing merges across a forced break
             unpruned_spec = unpruned.extend(j)
             states, specs = _grow(chain, states, j, norms)
             if j - i > 1:
-                states = {k: v for k, v in states.items() if not v[3].too_large(limits)}
-                specs = {k: v for k, v in specs.items() if k is None or _allowed(chain, limits, i, j, k, v)}
+                fits = chain.layers[i].input_shape
+                states = {k: v for k, v in states.items() if limits.kernel_fits(v[3].spans, fits)}
+                replaced = _replaced_macs(chain, i, j)
+                specs = {k: v for k, v in specs.items()
+                         if k is None or limits.allows(k, fits, chain.layers[j - 1].output_shape, replaced)}
             if not states:
                 break
-            if j not in points or cuts_a_skip(i, j, skips):
+            if j not in points or residual_conflict(i, j, skips):
                 continue
             specs.pop(unpruned_spec, None)  # pruning nothing is the depth-only block itself
             options = [PruneOption(pruned, spec, norm) for spec, (norm, pruned, _) in specs.items() if pruned]
@@ -109,8 +100,8 @@ def _grow(chain: Chain, states: dict, j: int, norms: dict[int, float]) -> tuple[
     return, per merged spec of (i, j] (None: nothing kept), the best (norm, pruned, run)."""
     layer = chain.layers[j - 1]
     identity = ConvGeometry.identity(layer.geometry.in_channels, layer.geometry.ndim)
-    grown: dict[tuple, tuple[float, tuple[int, ...], bool, _Run]] = {}
-    specs: dict[ConvGeometry | None, tuple[float, tuple[int, ...], _Run]] = {}
+    grown: dict[tuple, tuple[float, tuple[int, ...], bool, MergedRun]] = {}
+    specs: dict[ConvGeometry | None, tuple[float, tuple[int, ...], MergedRun]] = {}
     for norm, pruned, kept_any, run in states.values():
         variants = [(norm + norms.get(j, 0.0), pruned, True, None)]
         if j in norms:
@@ -127,11 +118,6 @@ def _grow(chain: Chain, states: dict, j: int, norms: dict[int, float]) -> tuple[
     return grown, specs
 
 
-def _allowed(chain: Chain, limits: BlockLimits, i: int, j: int, spec: ConvGeometry, best: tuple) -> bool:
-    run = best[2]
-    return limits.allows(spec, chain.layers[i].input_shape, chain.layers[j - 1].output_shape, run.macs)
-
-
 def pruned_spec(chain: Chain, a: int, b: int, pruned: Iterable[int]) -> ConvGeometry | None:
     """The merged geometry of block (a, b] with layers ``pruned`` replaced by the identity
     (None when none is left: the block is the identity)."""
@@ -141,7 +127,7 @@ def pruned_spec(chain: Chain, a: int, b: int, pruned: Iterable[int]) -> ConvGeom
             return option.spec
     if all(p in pruned for p in range(a + 1, b + 1)):
         return None
-    run = _Run(chain, a)
+    run = _run(chain, a)
     for p in range(a + 1, b + 1):
         g = chain.layers[p - 1].geometry
         spec = run.extend(p, ConvGeometry.identity(g.in_channels, g.ndim) if p in pruned else None)

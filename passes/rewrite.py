@@ -27,15 +27,16 @@ import torch.nn.functional as F
 
 from fxmerge import algebra
 from fxmerge.algebra import ConvGeometry, Pads
+from fxmerge.arguments import check_inputs
 from fxmerge.convs import make_conv
 from fxmerge.errors import InvalidArgumentError, PlanMismatchError
 from fxmerge.plans import ChainPlan, Plan
+from fxmerge.records import LayerNodes, NestedSkip, Segment
 
 from . import patterns
 from .analysis import analyze_graph, layer_geometry
-from fxmerge.validation import check_inputs
-
-from .tracing import inputs_from_specs, prepare, unwrap
+from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare, unwrap
+from .weights import COMPOSE_DTYPE, folded_weights
 
 RECORD = "fxmerge"  # key in GraphModule.meta
 
@@ -80,7 +81,7 @@ def _is_linearized(gm: Any) -> bool:
 
 
 def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor] | None = None,
-              **trace_kwargs: Any) -> fx.GraphModule:
+              trace: TraceOptions | None = None) -> fx.GraphModule:
     """The model with the plan's activations dropped, its pruned convs (with their BatchNorm)
     replaced by the identity, and each multi-layer segment's padding moved to its first kept
     layer (skip inputs padded or cropped to match). BatchNorm stays, so the
@@ -89,8 +90,7 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
 
     The model is re-traced at the plan's recorded input shapes (or ``example_inputs``) and its
     structure compared with the plan's record: :class:`~fxmerge.PlanMismatchError` names the
-    first difference. ``trace_kwargs`` (``tracer``, ``leaf_modules``, ``concrete_args``) go to
-    the tracer.
+    first difference. ``trace`` (:class:`~fxmerge.TraceOptions`) as for :func:`fxmerge.analyze`.
     """
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be an fxmerge.Plan; got {type(plan).__name__}")
@@ -99,7 +99,7 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
         if model.meta[RECORD]["plan"] != plan.fingerprint():
             raise PlanMismatchError("this model was linearized with a different plan; linearize the original model")
         return copy.deepcopy(model).eval()
-    gm = _prepare_for(model, plan, example_inputs, trace_kwargs)
+    gm = _prepare_for(model, plan, example_inputs, check_trace(trace))
     nodes = _nodes(gm)
     segments = []
     for chain in plan.chains:
@@ -143,13 +143,13 @@ def _follow(renamed: dict[str, str], name: str) -> str:
 
 
 def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
-                 trace_kwargs: dict) -> fx.GraphModule:
+                 trace: TraceOptions) -> fx.GraphModule:
     """The private trace of ``model`` the plan applies to, structure checked."""
     if example_inputs is not None:
-        gm = prepare(model, check_inputs("example_inputs", example_inputs), **trace_kwargs)
+        gm = prepare(model, check_inputs("example_inputs", example_inputs), trace)
     elif plan.inputs:
         try:
-            gm = prepare(model, inputs_from_specs(plan.inputs, model), **trace_kwargs)
+            gm = prepare(model, inputs_from_specs(plan.inputs, model), trace)
         except InvalidArgumentError as exc:
             shapes = [spec["shape"] for spec in plan.inputs]
             raise PlanMismatchError(f"plan built for a different model: this model cannot run inputs of the shapes "
@@ -161,7 +161,7 @@ def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
 
 
 def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: ChainPlan, a: int, b: int,
-                       geoms: list[ConvGeometry], start: str) -> dict:
+                       geoms: list[ConvGeometry], start: str) -> Segment:
     """Move a segment's padding and record what ``merge`` needs: its input node and the
     padding in front of it, its layers (pruned ones compose as the identity), nested skips
     with their kernel offsets, and its last node."""
@@ -175,14 +175,11 @@ def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: Cha
     ends = {t: add for _, t, add in skips}
     last = max([k + 1 for k in kept] + list(ends))
     conv, _, bn = layers[last - 1]
-    return {
-        "start": start,
-        "front": [list(p) for p in algebra.padding_enlargement(geoms)[0]],
-        "layers": layers,
-        "pruned": [[k, geoms[k].in_channels] for k in range(b - a) if k not in kept],
-        "skips": [[s, t, add, list(offsets[t][1])] for s, t, add in skips],
-        "end": ends.get(last, bn or conv),
-    }
+    return Segment(start=start, front=algebra.padding_enlargement(geoms)[0],
+                   layers=tuple(LayerNodes(*l) for l in layers),
+                   pruned={k: geoms[k].in_channels for k in range(b - a) if k not in kept},
+                   skips=tuple(NestedSkip(s, t, add, tuple(offsets[t][1])) for s, t, add in skips),
+                   end=ends.get(last, bn or conv))
 
 
 def _move_padding(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[list], kept: list[int],
@@ -228,7 +225,7 @@ def _move_padding(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[li
 
 
 def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor] | None = None,
-          **trace_kwargs: Any) -> fx.GraphModule:
+          trace: TraceOptions | None = None) -> fx.GraphModule:
     """One convolution per planned segment: BatchNorm folded (with its own ``eps``), nested
     identity skips fused into the kernel, biases composed.
 
@@ -237,67 +234,47 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
     mode up to float error. The plan is kept in ``result.meta['fxmerge']['plan_json']``.
     """
     model = unwrap(model)
-    gm = linearize(model, plan, example_inputs=example_inputs, **trace_kwargs)
+    gm = linearize(model, plan, example_inputs=example_inputs, trace=trace)
     nodes, renamed = _nodes(gm), {}
     for segment in gm.meta[RECORD]["segments"]:
-        gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment["start"]))
+        gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment.start))
         renamed[gone] = now
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True, "plan_json": plan.to_dict()}
     return _finish(gm)
 
 
-# Merged weights are composed in float64 and cast to the model's dtype once: long products of
-# float32 kernels lose digits (deep drop-all merges were 3e-3 off in float32, 5e-7 with this).
-COMPOSE_DTYPE = torch.float64
-
-
 @torch.no_grad()
-def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> algebra.ConvState:
-    def tensor(target):
-        t = patterns.get_tensor(gm, target)
-        return None if t is None else t.detach().to(COMPOSE_DTYPE)
-
+def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment) -> algebra.ConvState:
     convs = []
-    pruned = dict(segment.get("pruned", []))
-    for k, (conv, _, bn) in enumerate(segment["layers"]):
-        if k in pruned:  # the identity, as a depthwise 1x..x1 conv
-            convs.append(_identity_conv(pruned[k], gm, nodes, segment))
+    for k, (conv, _, bn) in enumerate(segment.layers):
+        if k in segment.pruned:  # the identity, as a depthwise 1x..x1 conv
+            convs.append(_identity_conv(segment.pruned[k], gm, nodes, segment))
             continue
-        call = patterns.conv_call(gm, nodes[conv])[0]
-        weight, bias = tensor(call.weight_target), tensor(call.bias_target)
-        if bn is not None:
-            bc = patterns.batchnorm_call(gm, nodes[bn])
-            weight, bias = algebra.fold_batchnorm(weight, bias, *(tensor(t) for t in (bc.mean, bc.var, bc.weight, bc.bias)), bc.eps)
+        weight, bias, call = folded_weights(gm, conv, bn, nodes=nodes)
         g = call.geometry
         convs.append(algebra.Conv(weight, bias, g.stride, g.dilation, g.groups))
-    return algebra.compose_run(convs, [(s, t, offset) for s, t, _, offset in segment["skips"]])
+    return algebra.compose_run(convs, [(s.source, s.target, s.offset) for s in segment.skips])
 
 
-def _identity_conv(channels: int, gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict) -> algebra.Conv:
-    kept = _kept(segment)
-    ref = patterns.get_tensor(gm, patterns.conv_call(gm, nodes[kept[0][0]])[0].weight_target)
+def _identity_conv(channels: int, gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment) -> algebra.Conv:
+    ref = patterns.get_tensor(gm, patterns.conv_call(gm, nodes[segment.kept[0].conv])[0].weight_target)
     ndim = ref.dim() - 2
     weight = torch.ones((channels, 1) + (1,) * ndim, dtype=COMPOSE_DTYPE, device=ref.device)
     return algebra.Conv(weight, None, (1,) * ndim, (1,) * ndim, channels)
 
 
-def _kept(segment: dict) -> list:
-    pruned = {k for k, _ in segment.get("pruned", [])}
-    return [layer for k, layer in enumerate(segment["layers"]) if k not in pruned]
-
-
-def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict, start: str) -> tuple[str, str]:
+def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment, start: str) -> tuple[str, str]:
     """Replace a linearized segment by one conv reading ``start`` (the segment's input node);
     returns the names of the segment's last node (gone) and of the merged conv."""
-    layers = _kept(segment)
-    first = nodes[layers[0][0]]
+    layers = segment.kept
+    first = nodes[layers[0].conv]
     weight_dtype = patterns.get_tensor(gm, patterns.conv_call(gm, first)[0].weight_target).dtype
     state = _merged_state(gm, nodes, segment)
     weight, bias, dilation = algebra.finalize(state)
     weight, bias = weight.to(weight_dtype), bias.to(weight_dtype)
-    front = tuple(tuple(p) for p in segment["front"])  # the whole segment's padding, before its input
+    front = segment.front  # the whole segment's padding, before its input
     source, padding = nodes[start], tuple(lo for lo, _ in front)
-    end = nodes[segment["end"]]
+    end = nodes[segment.end]
     if not algebra.is_symmetric(front):  # e.g. padding="same" with an even kernel
         source = _insert_pad(gm.graph, end, source, front, f"fxmerge_pad_{first.name}_merged")
         padding = (0,) * len(front)
@@ -312,8 +289,8 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: dict,
     return gone, merged.name
 
 
-def _module_name(gm: fx.GraphModule, layers: list) -> str:
-    first, last = layers[0][0], layers[-1][0]
+def _module_name(gm: fx.GraphModule, layers: list[LayerNodes]) -> str:
+    first, last = layers[0].conv, layers[-1].conv
     base = f"folded__{first}" if first == last else f"merged__{first}__to__{last}"
     name, i = base, 1
     while hasattr(gm, name):

@@ -1,7 +1,7 @@
 """Turning a user's model into a private, canonical, shape-annotated GraphModule.
 
 >>> import torch, torchvision
->>> gm = prepare(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),))
+>>> gm = prepare(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),))
 >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["tensor_meta"].shape
 torch.Size([1, 64, 16, 16])
 
@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -29,18 +32,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxmerge.arguments import check_inputs
 from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
-from fxmerge.validation import check_inputs
 
 from . import patterns
+from .activations import is_activation_module
 
 TRACE_RECORD = "fxmerge_trace"  # GraphModule.meta key: what prepare kept whole or made concrete
 _MAX_RETRIES = 64
 
 
-def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Example inputs as a tuple (a single tensor is accepted too, as a convenience)."""
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+@dataclass(frozen=True)
+class TraceOptions:
+    """How fxmerge traces a model fx cannot take as it is: a custom ``tracer`` (its class and
+    settings are used), extra ``leaf_modules`` types to keep whole, ``concrete_args`` for
+    ``torch.fx.Tracer.trace``. Every public entry point takes one as ``trace=``.
+
+    >>> import torch.nn as nn
+    >>> TraceOptions(leaf_modules=(nn.LSTM,)).leaf_modules
+    (<class 'torch.nn.modules.rnn.LSTM'>,)
+    """
+
+    tracer: fx.Tracer | None = None
+    leaf_modules: tuple[type, ...] = ()
+    concrete_args: dict[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
+        if self.tracer is not None and not isinstance(self.tracer, fx.Tracer):
+            raise InvalidArgumentError(f"TraceOptions.tracer must be a torch.fx.Tracer; got {type(self.tracer).__name__}")
+        if not all(isinstance(t, type) for t in self.leaf_modules):
+            raise InvalidArgumentError("TraceOptions.leaf_modules must be module classes, e.g. (MyBlock,)")
+        if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
+            raise InvalidArgumentError("TraceOptions.concrete_args must be a dict {argument name: value}")
+
+    @property
+    def is_default(self) -> bool:
+        return self.tracer is None and not self.leaf_modules and not self.concrete_args
+
+
+def check_trace(value: Any) -> TraceOptions:
+    """``trace=``: None (defaults) or a :class:`TraceOptions`."""
+    if value is None:
+        return TraceOptions()
+    if not isinstance(value, TraceOptions):
+        raise InvalidArgumentError(f"trace must be fxmerge.TraceOptions(...) or None; got {type(value).__name__}")
+    return value
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -67,7 +104,7 @@ def check_model(model: Any) -> nn.Module:
         raise InvalidArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     model = unwrap(model)
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd,) + patterns._BN_MODULES):
+        if not isinstance(module, (nn.modules.conv._ConvNd,) + patterns.BN_MODULES):
             continue
         for hook in module._forward_pre_hooks.values():
             kind = type(hook).__name__
@@ -110,7 +147,7 @@ class _Leaves:
 
     def is_leaf(self, module: nn.Module, qualname: str) -> bool:
         return (isinstance(module, self.types) or type(module) in self.auto_types or qualname in self.auto_names
-                or type(module) in patterns._BN_MODULES or patterns.is_activation_module(module))
+                or type(module) in patterns.BN_MODULES or is_activation_module(module))
 
     def add(self, module: nn.Module, qualname: str, error: Exception) -> None:
         """Keep the failing submodule whole: every instance of a conv subclass (they are
@@ -152,8 +189,7 @@ def _tracer_with_context(tracer: fx.Tracer | None, leaves: _Leaves) -> fx.Tracer
     return new
 
 
-def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Sequence[type] = (),
-          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, options: TraceOptions = TraceOptions()) -> fx.GraphModule:
     """A private GraphModule of ``model`` in eval mode (a deep copy when it already is one).
 
     A submodule fx cannot trace is kept whole, innermost first; if the model's own
@@ -161,7 +197,8 @@ def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Se
     what to try (leaf modules, ``concrete_args``, a custom tracer).
     """
     model = check_model(model)
-    if isinstance(model, fx.GraphModule) and tracer is None and not leaf_modules and not concrete_args:
+    tracer, concrete_args = options.tracer, options.concrete_args
+    if isinstance(model, fx.GraphModule) and options.is_default:
         gm = copy.deepcopy(model).eval()
         _check_not_aten(gm)
         return gm
@@ -171,7 +208,7 @@ def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Se
                       "the model you passed is left as it is. Call .eval() first to silence this.",
                       stacklevel=_caller_stacklevel())
     private = copy.deepcopy(model).eval()
-    leaves = _Leaves(leaf_modules)
+    leaves = _Leaves(options.leaf_modules)
     for _ in range(_MAX_RETRIES):
         t = _tracer_with_context(tracer, leaves)
         try:
@@ -184,7 +221,7 @@ def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Se
             leaves.add(private.get_submodule(path[-1]), path[-1], exc)
     else:
         raise TraceFailedError(f"torch.fx could not trace {type(model).__name__}: gave up after {_MAX_RETRIES} "
-                               "submodules failed. Pass a custom tracer or leaf_modules=[...].")
+                               "submodules failed. Pass trace=fxmerge.TraceOptions(tracer=...) or TraceOptions(leaf_modules=[...]).")
     gm = fx.GraphModule(private, graph, type(model).__name__)
     gm.meta[TRACE_RECORD] = {"leaves": dict(leaves.reasons)}
     _check_not_aten(gm)
@@ -192,14 +229,12 @@ def trace(model: nn.Module, *, tracer: fx.Tracer | None = None, leaf_modules: Se
 
 
 def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside fxmerge."""
-    import os
-    import sys
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The ``stacklevel`` that points a warning at the first frame outside fxmerge's code (two
+    folders: ``passes/`` is installed as ``fxmerge.passes``, and may sit beside ``fxmerge/``)."""
+    own = tuple(os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
+                for name in ("fxmerge", "fxmerge.passes"))
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep) \
-            and "/tests/" not in frame.f_code.co_filename:
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(own):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -208,8 +243,9 @@ def _trace_failed(model: nn.Module, path: list[str], exc: Exception) -> TraceFai
     where = " > ".join(path) or f"{type(model).__name__}.forward"
     return TraceFailedError(
         f"torch.fx could not trace {type(model).__name__}: the failure happened in '{where}': "
-        f"{type(exc).__name__}: {exc}. Fix data-dependent arguments with concrete_args={{...}}, make the failing "
-        f"submodule a leaf (leaf_modules=[...]), or pass a custom tracer.")
+        f"{type(exc).__name__}: {exc}. Fix data-dependent arguments with "
+        "trace=fxmerge.TraceOptions(concrete_args={...}), make the failing submodule a leaf "
+        "(TraceOptions(leaf_modules=[...])), or pass a custom tracer (TraceOptions(tracer=...)).")
 
 
 # --------------------------------------------------------------------------- canonical form
@@ -278,7 +314,7 @@ def _leaf_convs(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, nn.modules.conv._ConvNd) and patterns.conv_module_type(mod) not in patterns._CONV_MODULES \
+            if isinstance(mod, nn.modules.conv._ConvNd) and patterns.conv_module_type(mod) not in patterns.CONV_MODULES \
                     and len(node.args) == 1 and not node.kwargs:
                 out.append(node)
     return out
@@ -294,7 +330,7 @@ def _same_pads(x: torch.Tensor, conv: nn.Module) -> tuple[int, ...]:
 
 
 def _base_conv(mod: nn.Module) -> type | None:
-    return next((c for c in type(mod).__mro__ if c in patterns._CONV_MODULES), None)
+    return next((c for c in type(mod).__mro__ if c in patterns.CONV_MODULES), None)
 
 
 @torch.no_grad()
@@ -376,11 +412,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         gm.train(was_training)
 
 
-def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tracer: fx.Tracer | None = None,
-            leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor], options: TraceOptions = TraceOptions()
+            ) -> fx.GraphModule:
     """The private, canonical, shape-annotated GraphModule every pass works on."""
     example_inputs = check_inputs("example_inputs", example_inputs)
-    gm = trace(model, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, options)
     canonicalize(gm, example_inputs)
     propagate_shapes(gm, example_inputs)
     return gm

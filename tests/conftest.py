@@ -171,19 +171,20 @@ def assert_same(candidate: nn.Module, reference: nn.Module, inputs: tuple, dtype
     assert err <= max(TOL[dtype], 4 * floor), f"{what}: {err:.2e} from the float64 result, float32 rounding {floor:.2e}"
 
 
-def check_equals_original(model: nn.Module, inputs: tuple, analysis: fxmerge.Analysis, dtype, **trace_kwargs) -> None:
+def check_equals_original(model: nn.Module, inputs: tuple, analysis: fxmerge.Analysis, dtype,
+                          trace: fxmerge.TraceOptions | None = None) -> None:
     """Plans that keep every activation (keep-all, fold-only) give the *original* model back:
     linearized and merged, compared with the model itself (its output), and with its plain
     trace at every activation's input."""
-    trace = fxmerge.passes.tracing.prepare(model, inputs, **trace_kwargs)
+    traced = fxmerge.passes.tracing.prepare(model, inputs, fxmerge.passes.tracing.check_trace(trace))
     for kind in ("keep_all", "fold_only"):
         plan = getattr(fxmerge.Plan, kind)(analysis)
         assert plan.is_exact, f"{kind} is not exact"
         for rewrite in (fxmerge.linearize, fxmerge.merge):
-            gm = rewrite(model, plan, **trace_kwargs)
+            gm = rewrite(model, plan, trace=trace)
             gm.graph.lint()
             assert_same(gm, model, inputs, dtype, f"{rewrite.__name__}({kind}) vs the original model")
-            assert_same(gm, trace, inputs, dtype, f"{rewrite.__name__}({kind}) vs the original, per activation",
+            assert_same(gm, traced, inputs, dtype, f"{rewrite.__name__}({kind}) vs the original, per activation",
                         kept_activations(plan))
 
 
@@ -196,14 +197,15 @@ def check_exact(model: nn.Module, inputs: tuple, *, dtype=torch.float32, plans=(
     model = copy.deepcopy(model).to(dtype).eval()
     inputs = tuple(x.to(dtype) for x in inputs)
     analysis = fxmerge.analyze(model, inputs, **analyze_kwargs)
-    check_equals_original(model, inputs, analysis, dtype, **_trace_kwargs(analyze_kwargs))
+    trace = analyze_kwargs.get("trace")
+    check_equals_original(model, inputs, analysis, dtype, trace)
     out = Checked(analysis, {}, {}, {})
     if any(c.prunable for c in analysis.chains):
         plans = (*plans, "random_prune")  # every exactness check also prunes (LayerMerge)
     for kind in plans:
         plan = random_prune_plan(analysis) if kind == "random_prune" else getattr(fxmerge.Plan, kind)(analysis)
-        lin = fxmerge.linearize(model, plan, **_trace_kwargs(analyze_kwargs)).eval()
-        merged = fxmerge.merge(model, plan, **_trace_kwargs(analyze_kwargs)).eval()
+        lin = fxmerge.linearize(model, plan, trace=trace).eval()
+        merged = fxmerge.merge(model, plan, trace=trace).eval()
         for gm in (lin, merged):
             gm.graph.lint()
         taps = kept_activations(plan)
@@ -257,10 +259,6 @@ def _assert_specs_match(analysis: fxmerge.Analysis, plan: fxmerge.Plan, merged: 
             spec, conv = segment_spec(chain, cp, a, b), modules[name]
             assert (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), conv.groups) == (
                 spec.kernel, spec.stride, spec.dilation, spec.groups), f"{name}: {conv} vs {spec}"
-
-
-def _trace_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k in ("tracer", "leaf_modules", "concrete_args")}
 
 
 @pytest.fixture(autouse=True)

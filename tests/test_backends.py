@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from fxmerge.backends import Backend, TimingSettings
+from fxmerge.backends import Backend
+from fxmerge.timing import TimingSettings
 from fxmerge.cost import Correction
 from fxmerge.timing import Timing
 from test_latency_and_plan import X, tiny_mbv2
@@ -96,13 +97,13 @@ def uncalibrated(fake, tmp_path):
     """A table whose only end-to-end observation is the folded original: its correction is a
     constant rest, blind to the backend's nonlinearity (as a table reused for another budget
     regime, or measured with references=False, would be)."""
-    from fxmerge.calibration import observe_plans
+    from fxmerge.verification import observe
 
     model = tiny_mbv2()
     path = tmp_path / "fake.json"
     table = fxmerge.LatencyTable.measure(model, (X,), backend="fake", path=path, references=False)
     analysis = fxmerge.analyze(model, (X,))
-    observe_plans(table, model, (X,), analysis, {"fold-only": fxmerge.Plan.fold_only(analysis)}, kind="reference")
+    observe(table, model, (X,), analysis, {"fold-only": fxmerge.Plan.fold_only(analysis)}, kind="reference")
     table.save(path)
     return model, table, path
 
@@ -160,8 +161,11 @@ def test_verify_converges_on_a_backend_the_table_mispredicts(uncalibrated):
 def test_observations_persist_and_correct_the_next_plan(uncalibrated):
     model, table, path = uncalibrated
     analysis = fxmerge.analyze(model, (X,))
-    fxmerge.plan(model, table, budget=0.92, example_inputs=(X,), verify=True)
-    saved = json.loads(path.read_text())  # saved where the table was measured
+    untouched = path.read_bytes()
+    fxmerge.plan(model, fxmerge.LatencyTable.load(path), budget=0.92, example_inputs=(X,), verify=True)
+    assert path.read_bytes() == untouched  # verify writes only where it is told to
+    fxmerge.plan(model, table, budget=0.92, example_inputs=(X,), verify=True, save_to=path)
+    saved = json.loads(path.read_text())  # saved where asked
     observations = next(iter(saved["references"].values()))["observations"]
     assert any(o["kind"] == "verify" for o in observations)
     again = fxmerge.LatencyTable.load(path)
@@ -175,7 +179,7 @@ def test_observations_persist_and_correct_the_next_plan(uncalibrated):
 def test_verify_states_what_it_reached_when_it_runs_out_of_rounds(uncalibrated):
     model, table, _ = uncalibrated
     analysis = fxmerge.analyze(model, (X,))
-    with pytest.raises(fxmerge.VerificationError, match=r"no plan measured within the budget after 1 rounds: the "
+    with pytest.raises(fxmerge.VerificationError, match=r"no plan measured within the budget after 1 round\(s\): the "
                                                         r"closest measured [0-9.]+ ms \(0\.\d\d of the folded") as info:
         fxmerge.plan(model, table, budget=0.9, example_inputs=(X,), verify=True, verify_rounds=1)
     assert len(info.value.rounds) == 1 and info.value.best is not None

@@ -24,7 +24,8 @@ import torch.nn as nn
 import fxmerge
 from conftest import finetune_like
 from fxmerge import cli
-from fxmerge.cost import model_key
+from fxmerge.cli import models as model_specs
+from fxmerge.fingerprints import model_key
 from fxmerge.importance import ImportanceTable, sgd_finetune
 from importance_models import data, neg_loss, small_net
 from synthetic import merging_pays_table
@@ -445,7 +446,7 @@ def test_cli_refuses_a_table_of_another_backend_before_any_work(tmp_path, tiny, 
     def no_work(*args, **kwargs):
         raise AssertionError("the model was loaded before the table was checked")
 
-    monkeypatch.setattr(cli, "load_model", no_work)
+    monkeypatch.setattr(model_specs, "load_model", no_work)
     code, _, err = run_cli(capsys, "plan", FACTORY, "--table", str(path), "--backend", "inductor",
                            "--input-shape", "1,3,32,32", "--budget", "0.8")
     assert code == 2 and err.startswith(f"fxmerge: error: the latency table {path} was measured for backend 'eager', "
@@ -617,10 +618,10 @@ def test_cli_accepts_timm_models_and_checkpoints(capsys, tmp_path):
     trained = timm.create_model("resnet18", pretrained=False)
     checkpoint = tmp_path / "weights.pt"
     torch.save(trained.state_dict(), checkpoint)
-    loaded = cli.load_model("timm:resnet18", checkpoint)
+    loaded = model_specs.load_model("timm:resnet18", checkpoint)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
     torch.save({"state_dict": trained.state_dict()}, checkpoint)  # a common wrapper
-    assert torch.equal(cli.load_model("timm:resnet18", checkpoint).conv1.weight, trained.conv1.weight)
+    assert torch.equal(model_specs.load_model("timm:resnet18", checkpoint).conv1.weight, trained.conv1.weight)
     import cli_models
 
     torch.save(cli_models.small().state_dict(), checkpoint)
@@ -721,7 +722,7 @@ def test_cli_compress_writes_a_weights_only_artifact_or_an_exported_program(tmp_
     torch.manual_seed(0)  # the factory's random weights: the same model in both runs
     code, out, err = run_cli(capsys, "compress", FACTORY, "-o", str(tmp_path / "m.pt"), *common)
     assert code == 0, err
-    assert "fxmerge.artifacts.load(path, model)" in out
+    assert "fxmerge.load_compressed(path, model)" in out
     loaded = artifacts.load(tmp_path / "m.pt", tiny_mbv2())
     torch.manual_seed(0)
     code, _, err = run_cli(capsys, "compress", FACTORY, "-o", str(tmp_path / "m.pt2"), *common)

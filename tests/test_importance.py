@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxmerge
-from fxmerge import importance as imp_mod
+from fxmerge import estimators as imp_mod
 from fxmerge.importance import ImportanceTable, candidate_pairs, sgd_finetune
 from importance_models import data, neg_loss, small_net
 from synthetic import feasible_budget, merging_pays_table

@@ -273,9 +273,15 @@ def test_onnxruntime_backend_table():
 
 
 def test_progress_reports_long_runs_off_terminal(capsys):
-    bar = timing.Progress(3, "work", enabled=False, every_s=0.0)
+    bar = timing.Progress(3, "work", every_s=0.0)  # stderr is no terminal here
     bar.step()
     assert "work: 1/3" in capsys.readouterr().err
-    quiet = timing.Progress(3, "work", enabled=False)  # short runs off a terminal print nothing
+    quiet = timing.Progress(3, "work")  # short runs off a terminal print nothing
     quiet.step(3)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_false_prints_nothing_at_all(capsys):
+    off = timing.Progress(3, "work", enabled=False, every_s=0.0)
+    off.step(3)
     assert capsys.readouterr().err == ""

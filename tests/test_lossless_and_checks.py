@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fxmerge
 from conftest import count_convs, randomize, rel_err
 from fxmerge.cost import CostModel
-from fxmerge.passes import patterns
+from fxmerge.passes import activations
 
 
 def conv_bn(cin, cout, k=3, p=1, act=True):
@@ -181,16 +181,16 @@ def test_torch_exported_models_are_refused_with_an_explanation():
 def test_activation_registry_is_scoped():
     model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Softsign(), nn.Conv2d(2, 2, 3, padding=1)).eval()
     x = torch.randn(1, 2, 6, 6)
-    before = patterns.registered_activations()
+    before = activations.registered_activations()
     with fxmerge.activation_registry():
         fxmerge.register_activation("Softsign", modules=[nn.Softsign])
         assert fxmerge.analyze(model, (x,)).chains[0].length == 2
-    assert patterns.registered_activations() == before
+    assert activations.registered_activations() == before
     assert fxmerge.analyze(model, (x,)).chains[0].length == 1
     with fxmerge.activation_registry():
         fxmerge.register_activation("Softsign", modules=[nn.Softsign])
         fxmerge.unregister_activation("Softsign")
-        assert "Softsign" not in patterns.registered_activations()
+        assert "Softsign" not in activations.registered_activations()
 
 
 def test_plan_files_with_unknown_nodes_or_an_old_version_are_refused(tmp_path):

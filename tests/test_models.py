@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 import fxmerge
-from fxmerge.passes.analysis import conv_macs, conv_params
+from fxmerge.geometry import conv_macs, conv_params
 from conftest import check_exact, count_convs, randomize
 
 MODELS = {

@@ -191,7 +191,7 @@ def test_custom_tracer_is_used():
         def is_leaf_module(self, m, qualname):
             return isinstance(m, Branchy) or super().is_leaf_module(m, qualname)
 
-    analysis = fxmerge.analyze(Untraceable().eval(), (torch.randn(1, 3, 8, 8),), tracer=LeafBranchy())
+    analysis = fxmerge.analyze(Untraceable().eval(), (torch.randn(1, 3, 8, 8),), trace=fxmerge.TraceOptions(tracer=LeafBranchy()))
     assert analysis.chains == []
     node_ops = {n.op for n in analysis.graph_module.graph.nodes}
     assert "call_module" in node_ops  # Branchy stayed a leaf: traced by the user's tracer

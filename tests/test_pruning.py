@@ -79,7 +79,7 @@ def _brute_force_options(chain, limits, norms):
     points = set(chain.kept_candidates)
     out = {}
     for (i, j) in {(i, j) for i in points for j in points if i < j}:
-        if fxmerge.passes.analysis.cuts_a_skip(i, j, chain.skip_pairs()) or any(i < b < j for b in chain.breaks):
+        if fxmerge.records.residual_conflict(i, j, chain.skip_pairs()) or any(i < b < j for b in chain.breaks):
             continue
         inside = [p for p in chain.prunable if i < p <= j]
         best = {}
@@ -88,7 +88,7 @@ def _brute_force_options(chain, limits, norms):
                 spec = pruned_spec(chain, i, j, pruned)
                 if spec is not None and j - i > 1:
                     first = chain.layers[i]
-                    macs = sum(fxmerge.passes.analysis.conv_macs(l.geometry, l.output_shape) for l in chain.layers[i:j])
+                    macs = sum(fxmerge.geometry.conv_macs(l.geometry, l.output_shape) for l in chain.layers[i:j])
                     if not limits.allows(spec, first.input_shape, chain.layers[j - 1].output_shape, macs):
                         continue
                 norm = sum(norms[p] for p in inside if p not in pruned)
@@ -435,7 +435,7 @@ def test_cli_plans_with_pruning(tmp_path, capsys):
 
 
 def test_segment_spec_helper_agrees_with_the_pass(mbv2):
-    """conftest's independent spec (algebra.merged_geometry) is the pass' own (analysis._Run)."""
+    """conftest's independent spec (algebra.merged_geometry) is the pass' own (geometry.MergedRun)."""
     _, _, analysis, _ = mbv2
     chain = analysis.chains[0]
     plan = fxmerge.Plan.from_positions(analysis, {0: ([], None)}, lossy=True, pruned={0: chain.prunable[::2]})

@@ -159,7 +159,7 @@ def test_no_conv_disappears_silently():
     assert "'2' (Opaque) holds convs" in analysis.unmergeable["_2"]  # keyed by node, naming the module
     text = str(analysis)
     assert "convs left alone" in text and "control flow" in text
-    leaf = fxmerge.analyze(model, (x,), leaf_modules=[Opaque])  # a user's leaf is reported too
+    leaf = fxmerge.analyze(model, (x,), trace=fxmerge.TraceOptions(leaf_modules=[Opaque]))  # a user's leaf is reported too
     assert "Opaque" in leaf.unmergeable["_2"]
     with torch.no_grad():
         torch.testing.assert_close(fxmerge.merge(model, fxmerge.Plan.drop_all(analysis))(x), model(x))

@@ -13,11 +13,12 @@ import torch
 import torchvision
 from tabulate import tabulate
 
-from fxmerge.api import analyze
-from fxmerge.passes.rewrite import linearize, merge
-from fxmerge.planning import InfeasibleBudgetError, plan
-from fxmerge.plans import Plan
 from fxmerge.backends import compare_latency
+from fxmerge.errors import InfeasibleBudgetError
+from fxmerge.passes.analysis import analyze
+from fxmerge.passes.rewrite import linearize, merge
+from fxmerge.planning import plan
+from fxmerge.plans import Plan
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +53,7 @@ def run_demo(args, get_table: Callable) -> list[dict]:
              f"{100 * (base - original) / original:+.1f}%", "1.00x", "1.00x", ""]]
     results = []
     for name, chosen in plans.items():
-        pred, meas = chosen.info["predicted_ms"]["planned"], timings[name].ms
+        pred, meas = chosen.report.predicted_planned_ms, timings[name].ms
         rows.append([name, chosen.num_convs, f"{pred:.2f}", f"{meas:.2f}", f"{100 * (meas - pred) / pred:+.1f}%",
                      f"{original / pred:.2f}x", f"{base / meas:.2f}x", f"{errors[name]:.1e}"])
         results.append({"budget": name, "predicted_ms": pred, "measured_ms": meas, "speedup": base / meas,
@@ -65,10 +66,10 @@ def run_demo(args, get_table: Callable) -> list[dict]:
     if plans:
         name = list(plans)[-1]
         print(f"\nplan at {name}:")
-        print(plans[name].prediction_report())
+        print(plans[name].report.table())
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s, {torch.get_num_threads()} thread(s)")
     return results
 
 
 def _predicted(plans: dict) -> float:
-    return next(iter(plans.values())).info["predicted_ms"]["original"] if plans else float("nan")
+    return next(iter(plans.values())).report.predicted_original_ms if plans else float("nan")

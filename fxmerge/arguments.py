@@ -1,4 +1,4 @@
-"""Argument checks at the public API boundary, in one place.
+"""Argument checks where inputs enter fxmerge, in one place.
 
 Each checker takes the argument's *name* (as the user spells it) and its value, returns the
 value in a normal form, and raises :class:`~fxmerge.errors.InvalidArgumentError` (also a
@@ -32,11 +32,16 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN."""
+    return is_real(value) and math.isfinite(value)
+
+
 def check_number(name: str, value: Any, *, minimum: float | None = None, strict: bool = False,
                  hint: str = "", error: type[FxMergeError] = InvalidArgumentError) -> float:
     """A finite real number, at least ``minimum`` (``> minimum`` with ``strict``)."""
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-    if not is_real(value) or not math.isfinite(value) or (
+    if not is_finite(value) or (
             minimum is not None and (value <= minimum if strict else value < minimum)):
         raise error(f"{name} must be a finite number{bound}{f' ({hint})' if hint else ''}; got {_shown(value)}")
     return float(value)
@@ -54,10 +59,6 @@ def check_count(name: str, value: Any, *, minimum: int = 1, hint: str = "",
     if not is_int(value) or value < minimum:
         raise error(f"{name} must be an integer >= {minimum}{f' ({hint})' if hint else ''}; got {_shown(value)}")
     return int(value)
-
-
-def check_positive_int(name: str, value: Any, hint: str = "") -> int:
-    return check_count(name, value, minimum=1, hint=hint)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str],
@@ -134,28 +135,22 @@ def check_batches(name: str, value: Any) -> list:
 # --------------------------------------------------------------------------- importance
 
 
-def check_importance(value: Any) -> Any:
-    """``importance``: None, an :class:`~fxmerge.ImportanceTable`, or a mapping
-    ``(chain, i, j) -> score`` with integer keys ``0 <= i < j`` and finite scores (pruning
-    options: ``(chain, i, j, pruned layers)``, the layers a tuple of integers in i+1..j).
-    Returns it unchanged."""
-    if value is None:
-        return None
-    from fxmerge.importance import ImportanceTable
-
-    scores = value.scores if isinstance(value, ImportanceTable) else value
+def check_importance_scores(scores: Any) -> Mapping:
+    """Importance scores: a mapping ``(chain, i, j) -> score`` with integer keys ``0 <= i < j``
+    and finite scores (pruning options: ``(chain, i, j, pruned layers)``, the layers a tuple of
+    integers in i+1..j). Returns it unchanged."""
     if not isinstance(scores, Mapping):
         raise InvalidArgumentError(f"importance must be an ImportanceTable or a mapping (chain, i, j) -> score; "
-                                   f"got {_shown(value)}")
+                                   f"got {_shown(scores)}")
     for key, score in scores.items():
         if not is_importance_key(key):
             raise InvalidArgumentError(f"importance key {key!r} is not a pair (chain, i, j) of integers with "
                                        "0 <= i < j (positions of one chain, as in ImportanceTable), or a pruning "
                                        "option (chain, i, j, (pruned layers in i+1..j, ...))")
-        if not is_real(score) or not math.isfinite(score):
+        if not is_finite(score):
             raise InvalidArgumentError(f"importance[{key!r}] is {_shown(score)}; every score must be a finite number "
                                        "(re-estimate that pair, or leave it out to forbid it)")
-    return value
+    return scores
 
 
 def is_importance_key(key: Any) -> bool:

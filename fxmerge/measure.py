@@ -1,0 +1,137 @@
+"""What a latency table measures, built and timed on a backend; the results come back as plain
+data for :class:`~fxmerge.LatencyTable` to record.
+
+* :func:`unit_builders` — one module per cost-model term, exactly as merge emits it: every
+  distinct merged-conv spec of every valid block (and, with pruning, of every pruning option)
+  at the real input shape of its block; the explicit add of each residual; each droppable
+  activation right after its conv (a backend that fuses the two is charged only what the
+  activation adds);
+* :func:`reference_plans` — a few whole plans spanning what the DP can choose: the folded
+  original, the DP's own picks at 80 % and 60 % of its summed terms, the fastest plan;
+* :func:`time_plans` — whole plans merged and timed interleaved with the folded original: the
+  observations the table's correction is fitted to.
+
+>>> units = unit_builders(analysis, torch.float32, "cpu")
+>>> module, inputs = units[sorted(units)[0]]()
+>>> isinstance(module, torch.nn.Module)
+True
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxmerge.backends import Builder, get_backend
+from fxmerge.convs import conv_for_geometry
+from fxmerge.cost import CostModel, add_key, conv_key
+from fxmerge.passes.activations import registered_activations
+from fxmerge.passes.rewrite import merge
+from fxmerge.passes.tracing import TraceOptions
+from fxmerge.plans import Plan
+from fxmerge.problem import probe_plans
+from fxmerge.records import Analysis
+
+log = logging.getLogger("fxmerge")
+
+REFERENCE_FRACTIONS = (0.8, 0.6)  # the DP's picks between the two bounding plans
+
+
+# --------------------------------------------------------------------------- table units
+
+
+def unit_builders(analysis: Analysis, dtype: torch.dtype, device: torch.device | str,
+                  prune_layers: bool = False) -> dict[str, Builder]:
+    """For each cost-model term: a function building (module, inputs) to time it."""
+    out: dict[str, Builder] = {}
+
+    def rand(shape):
+        return torch.randn(shape, dtype=dtype, device=device)
+
+    for chain in analysis.chains:
+        blocks = [(chain.specs[b], chain.input_shapes[b[0]]) for b in chain.valid_blocks]
+        if prune_layers:  # each option's merged conv (a fully pruned block runs no conv)
+            blocks += [(o.spec, chain.input_shapes[i]) for (i, _), opts in chain.options.items() for o in opts
+                       if o.spec is not None]
+        for spec, shape in blocks:
+            out[conv_key(spec, shape)] = lambda spec=spec, shape=shape: (
+                conv_for_geometry(spec, dtype=dtype, device=device), (rand(shape),))
+        for s in chain.skips:
+            shape = chain.layers[s.target - 1].output_shape
+            out[add_key(shape)] = lambda shape=shape: (_Add(), (rand(shape), rand(shape)))
+        for p, key in CostModel.activation_keys(chain).items():
+            kind, spec, shape = chain.activations[p][1], chain.specs[(p - 1, p)], chain.input_shapes[p - 1]
+            out[key] = lambda kind=kind, spec=spec, shape=shape: (
+                nn.Sequential(conv_for_geometry(spec, dtype=dtype, device=device), activation_module(kind)),
+                (rand(shape),))
+    return out
+
+
+class _Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class _Call(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def activation_module(kind: str) -> nn.Module:
+    """A module applying the registered activation ``kind`` in its first registered form."""
+    entry = registered_activations()[kind]
+    if entry.modules:
+        return entry.modules[0]()
+    if entry.functions:
+        return _Call(entry.functions[0])
+    return _Call(lambda x, name=entry.methods[0]: getattr(x, name)())
+
+
+# --------------------------------------------------------------------------- whole plans
+
+
+def reference_plans(analysis: Analysis, lookup: Callable[[str], float]) -> dict[str, Plan]:
+    """The plans a table times end to end for ``analysis`` (see the module's docstring)."""
+    cost = CostModel(analysis, lookup)
+    return {**cost.bounding_plans(), **probe_plans(analysis, cost, REFERENCE_FRACTIONS)}
+
+
+@dataclass(frozen=True)
+class PlanTimings:
+    """Plans timed interleaved with the folded original: its milliseconds, each plan's ratio to
+    it, and the observations (``{"plan", "kind", "terms_ms", "ops", "ratio"}``) to record."""
+
+    original_ms: float
+    ratios: dict[str, float]
+    observations: list[dict]
+
+
+def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], analysis: Analysis,
+               plans: Mapping[str, Plan], lookup: Callable[[str], float], *, kind: str, include_original: bool,
+               runners: dict | None = None, trace: TraceOptions | None = None) -> PlanTimings:
+    """Merge ``plans`` and time them interleaved with the folded original on ``backend``.
+    ``include_original`` adds the folded original itself as an observation (ratio 1), for the
+    first observations of a model. ``runners`` caches compiled/exported modules between calls
+    (a verification compiles the original once)."""
+    folded = Plan.fold_only(analysis)
+    raw = CostModel(analysis, lookup)
+    # modules are named by plan fingerprint: a cached runner is only ever the same plan's
+    modules = {folded.fingerprint(): merge(model, folded, trace=trace)}
+    modules.update({plan.fingerprint(): merge(model, plan, trace=trace) for plan in plans.values()
+                    if plan.fingerprint() not in modules})
+    timings = get_backend(backend).compare(modules, inputs, rounds=3, repeats=9, runners=runners)
+    original_ms = timings[folded.fingerprint()].ms
+    ratios = {name: timings[plan.fingerprint()].ms / original_ms for name, plan in plans.items()}
+    observations = [{"plan": plan.fingerprint(), "kind": kind, "terms_ms": raw.terms_ms(plan), "ops": raw.op_count(plan),
+                     "ratio": ratios[name]} for name, plan in plans.items()]
+    if include_original and all(p.fingerprint() != folded.fingerprint() for p in plans.values()):
+        observations.insert(0, {"plan": folded.fingerprint(), "kind": "fold-only", "terms_ms": raw.terms_ms(folded),
+                                "ops": raw.op_count(folded), "ratio": 1.0})
+    return PlanTimings(original_ms, ratios, observations)
