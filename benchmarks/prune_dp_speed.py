@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 import fxmerge
 from fxmerge.passes import dp
-from fxmerge.planning import Planner
+from fxmerge.planner import Planner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dp_speed import timed as dp_timed  # noqa: E402

@@ -49,7 +49,7 @@ _PUBLIC = {
     "BACKENDS": "fxmerge.backends", "Backend": "fxmerge.backends", "backend_registry": "fxmerge.backends",
     "compare_latency": "fxmerge.backends", "measure_latency": "fxmerge.backends",
     "register_backend": "fxmerge.backends", "unregister_backend": "fxmerge.backends",
-    "plan": "fxmerge.planning", "frontier": "fxmerge.planning",
+    "plan": "fxmerge.planner", "frontier": "fxmerge.planner",
     "compress": "fxmerge.api", "plan_of": "fxmerge.api",
     "distill_finetune": "fxmerge.distill", "kd_loss": "fxmerge.distill", "sgd_finetune": "fxmerge.distill",
     "save_compressed": "fxmerge.artifacts", "load_compressed": "fxmerge.artifacts",
@@ -99,7 +99,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
     from fxmerge.passes.analysis import analyze
     from fxmerge.passes.rewrite import linearize, merge
     from fxmerge.passes.tracing import TraceOptions
-    from fxmerge.planning import frontier, plan
+    from fxmerge.planner import frontier, plan
     from fxmerge.plans import ChainPlan, Plan
     from fxmerge.records import Analysis, BlockLimits, Chain, ImportanceKey
     from fxmerge.reparameterization import reparameterize

@@ -22,7 +22,7 @@ from fxmerge.importance import ImportanceTable
 from fxmerge.latency import LatencyTable
 from fxmerge.passes.rewrite import RECORD, merge
 from fxmerge.passes.tracing import TraceOptions
-from fxmerge.planning import plan
+from fxmerge.planner import plan
 from fxmerge.plans import Plan
 from fxmerge.records import Analysis
 

@@ -54,4 +54,4 @@ def test_docstring_examples_run(name, tmp_path, monkeypatch, one_thread):
 
 
 def test_every_module_is_collected():
-    assert {"fxmerge.planning", "fxmerge.passes.analysis", "fxmerge.cli.models", "fxmerge.passes.dp"} <= set(_modules())
+    assert {"fxmerge.planner", "fxmerge.passes.analysis", "fxmerge.cli.models", "fxmerge.passes.dp"} <= set(_modules())

@@ -137,7 +137,7 @@ def _model_and_table(args: argparse.Namespace):
 
 def _make_plan(args: argparse.Namespace):
     from fxmerge.cli.cache import table_path
-    from fxmerge.planning import plan
+    from fxmerge.planner import plan
 
     model, inputs, table = _model_and_table(args)
     chosen = plan(model, table, budget=args.budget, budget_ms=args.budget_ms, example_inputs=inputs,
@@ -162,7 +162,7 @@ def _print_frontier(args: argparse.Namespace) -> None:
     from tabulate import tabulate
 
     from fxmerge.cli.cache import table_path
-    from fxmerge.planning import frontier
+    from fxmerge.planner import frontier
 
     model, inputs, table = _model_and_table(args)
     points = frontier(model, table, example_inputs=inputs, backend=args.backend, verify=args.verify,

@@ -17,7 +17,7 @@ from fxmerge.backends import compare_latency
 from fxmerge.errors import InfeasibleBudgetError
 from fxmerge.passes.analysis import analyze
 from fxmerge.passes.rewrite import linearize, merge
-from fxmerge.planning import plan
+from fxmerge.planner import plan
 from fxmerge.plans import Plan
 
 
