@@ -52,7 +52,8 @@ def unit_builders(analysis: Analysis, dtype: torch.dtype, device: torch.device |
         return torch.randn(shape, dtype=dtype, device=device)
 
     for chain in analysis.chains:
-        blocks = [(chain.specs[b], chain.input_shapes[b[0]]) for b in chain.valid_blocks]
+        blocks = [(chain.specs[b], chain.input_shapes[b[0]]) for b in chain.valid_blocks
+                  if chain.specs[b] is not None]  # a junction alone runs no conv
         if prune_layers:  # each option's merged conv (a fully pruned block runs no conv)
             blocks += [(o.spec, chain.input_shapes[i]) for (i, _), opts in chain.options.items() for o in opts
                        if o.spec is not None]
