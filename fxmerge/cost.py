@@ -123,20 +123,23 @@ class CostModel:
 
     # ---------------------------------------------------------------- the terms
 
-    @staticmethod
-    def block_keys(chain: Chain, i: int, j: int) -> list[str]:
+    @classmethod
+    def block_keys(cls, chain: Chain, i: int, j: int) -> list[str]:
         """The merged conv of block (i, j] plus the adds of residuals ending at j that the
         block does not contain (they stay explicit)."""
-        keys = [conv_key(chain.specs[(i, j)], chain.input_shapes[i])]
-        keys += [add_key(chain.layers[j - 1].output_shape) for s in chain.skips if s.target == j and s.source < i]
-        return keys
+        return cls._terms(chain, i, j, chain.specs[(i, j)])
+
+    @classmethod
+    def pruned_keys(cls, chain: Chain, i: int, j: int, pruned: Iterable[int]) -> list[str]:
+        """Block (i, j] with layers ``pruned`` replaced by the identity: the merged conv of the
+        kept layers, plus the adds of residuals ending at j that it does not contain."""
+        return cls._terms(chain, i, j, pruned_spec(chain, i, j, pruned))
 
     @staticmethod
-    def pruned_keys(chain: Chain, i: int, j: int, pruned: Iterable[int]) -> list[str]:
-        """Block (i, j] with layers ``pruned`` replaced by the identity: the merged conv of the
-        kept layers (none when nothing is kept: then the adds of residuals inside stay
-        explicit, ``x + x``), plus the adds of residuals ending at j that it does not contain."""
-        spec = pruned_spec(chain, i, j, pruned)
+    def _terms(chain: Chain, i: int, j: int, spec: ConvGeometry | None) -> list[str]:
+        """The merged conv ``spec`` at the block's input — or, for a block that runs no conv
+        (every layer pruned, or a junction alone), the adds of the residuals inside it, which
+        stay explicit (``x + x``) — and the adds of residuals ending at j from before i."""
         if spec is not None:
             keys = [conv_key(spec, chain.input_shapes[i])]
         else:

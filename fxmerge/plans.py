@@ -84,8 +84,9 @@ class ChainPlan:
         return not self.dropped and not self.pruned and not any(self.moved_borders(a, b) for a, b in self.segments())
 
     def kept_layers(self, a: int, b: int) -> list[int]:
-        """The layers of segment (a, b] that are not pruned (numbered like positions)."""
-        return [p for p in range(a + 1, b + 1) if p not in self.pruned]
+        """The convs of segment (a, b] that are not pruned (numbered like positions; junctions,
+        the residual adds, are no convs)."""
+        return [p for p in range(a + 1, b + 1) if p not in self.pruned and not self.layers[p - 1].junction]
 
     def name(self) -> str:
         return span_name(self.layers[0].conv, self.layers[-1].conv)
@@ -95,7 +96,8 @@ class ChainPlan:
 
     def to_dict(self) -> dict:
         return {
-            "layers": [l._asdict() for l in self.layers],
+            "layers": [{"conv": l.conv, "pad": l.pad, "bn": l.bn, **({"junction": True} if l.junction else {})}
+                       for l in self.layers],
             "activations": {str(p): n for p, n in sorted(self.activations.items())},
             "skips": [list(s) for s in self.skips],
             "breaks": list(self.breaks),
@@ -153,8 +155,8 @@ def _names(d: dict, key: str, where: str) -> list[str]:
 def _plain(value: Any, key: str) -> Any:
     """A structure field in one comparable form, from JSON or from the record."""
     if key == "layers":
-        return [[l["conv"], l["pad"], l["bn"]] if isinstance(l, dict) else list(l) for l in value] \
-            if isinstance(value, list) else [list(l) for l in value]
+        return [[l.get("conv"), l.get("pad"), l.get("bn"), bool(l.get("junction", False))] if isinstance(l, dict)
+                else list(l) for l in value]
     if key == "activations":
         return {str(p): n for p, n in value.items()} if isinstance(value, dict) else value
     return [list(v) if isinstance(v, (list, tuple)) else v for v in value] if isinstance(value, (list, tuple)) else value
@@ -187,7 +189,7 @@ def _structure_from_signature(sig: dict, where: str) -> dict:
         raise MalformedFileError(f"{bad}.breaks must map interior positions to reasons; got {breaks!r}")
     if not isinstance(sig.get("end"), str):
         raise MalformedFileError(f"{bad}.end must say what consumes the chain's end; got {sig.get('end')!r}")
-    return dict(layers=tuple(LayerNodes(*l[:3]) for l in layers),
+    return dict(layers=tuple(LayerNodes(*l[:3], junction=l[3].startswith("junction ")) for l in layers),
                 activations={int(p): v[0] for p, v in acts.items()},
                 skips=tuple((s[0], s[1], s[2]) for s in skips), breaks=tuple(sorted(int(p) for p in breaks)))
 

@@ -107,33 +107,48 @@ class BlockLimits:
 
 
 class LayerNodes(NamedTuple):
-    """The fx nodes of one layer, by name: its conv, the zero pad before it, the BatchNorm after."""
+    """The fx nodes of one layer, by name: its conv, the zero pad before it, the BatchNorm after.
+    A *junction* (``junction=True``) is the residual add of an activation-before-add residual
+    (``x + act(conv(...))``), named by its add node: a layer that computes the identity."""
 
     conv: str
     pad: str | None
     bn: str | None
+    junction: bool = False
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One convolution with its optional zero pad before and BatchNorm after."""
+    """One convolution with its optional zero pad before and BatchNorm after — or a *junction*:
+    the residual add of ``x_s + act(z_p)``, which sits in the chain as a layer of its own that
+    computes the identity, so the activation before it (position p) and the map after the add
+    (position p + 1) are two positions. Kept, the activation runs before an explicit add;
+    dropped, the residual is an identity skip (s, p + 1) like any other, fused into a merged
+    kernel that contains it. ``conv`` names the add node of a junction."""
 
     conv: str
     pad: str | None
     bn: str | None
-    geometry: ConvGeometry  # padding includes the explicit pad
+    geometry: ConvGeometry  # padding includes the explicit pad; a junction's is the identity
     input_shape: tuple[int, ...] | None
     output_shape: tuple[int, ...] | None
+    junction: bool = False
 
     @property
     def nodes(self) -> LayerNodes:
-        return LayerNodes(self.conv, self.pad, self.bn)
+        return LayerNodes(self.conv, self.pad, self.bn, self.junction)
+
+    def describe(self) -> str:
+        """The layer's geometry in words (as plans record it)."""
+        return f"junction {self.geometry.in_channels}" if self.junction else self.geometry.describe()
 
     def prune_blocker(self) -> str | None:
         """Why replacing this layer (conv, pad and BatchNorm) by the identity would change a
         shape, or None when it may be pruned (LayerMerge): identity cannot change the channel
         count, downsample, or grow or shrink the map the way unpadded or over-padded convs do."""
         g = self.geometry
+        if self.junction:
+            return "is a residual add, not a conv"
         if g.in_channels != g.out_channels:
             return f"changes channels ({g.in_channels} -> {g.out_channels})"
         if any(s != 1 for s in g.stride):
@@ -176,7 +191,7 @@ class Chain:
     end_reason: str
     borders: list[int] = field(default_factory=list)  # activation-free positions whose next layer pads
     valid_blocks: list[tuple[int, int]] = field(default_factory=list)
-    specs: dict[tuple[int, int], ConvGeometry] = field(default_factory=dict)
+    specs: dict[tuple[int, int], ConvGeometry | None] = field(default_factory=dict)  # None: runs no conv
     input_shapes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)
     # block -> ways to prune layers inside it (filled by passes.pruning when asked for)
     options: dict[tuple[int, int], list[PruneOption]] = field(default_factory=dict)
@@ -207,6 +222,12 @@ class Chain:
         moves across it). Consecutive kept positions are what importance scores."""
         return [0] + sorted(set(self.droppable) | set(self.forced) | set(self.borders)) + [self.length]
 
+    def runs_conv(self, i: int, j: int, pruned: Iterable[int] = ()) -> bool:
+        """Whether block (i, j] holds a conv to run: a layer that is neither a junction nor in
+        ``pruned`` (a block of identities runs only the adds of residuals inside it)."""
+        pruned = set(pruned)
+        return any(not self.layers[p - 1].junction and p not in pruned for p in range(i + 1, j + 1))
+
     def is_exact(self, i: int, j: int) -> bool:
         """Whether merging block (i, j] equals the original layers, borders included: no padded
         layer after its first, so no padding has to move."""
@@ -217,7 +238,7 @@ class Chain:
         whether a BatchNorm follows), activation kinds, identity skips, forced breaks and what
         consumes its end."""
         return {
-            "layers": [[l.conv, l.pad, l.bn, l.geometry.describe()] for l in self.layers],
+            "layers": [[l.conv, l.pad, l.bn, l.describe()] for l in self.layers],
             "activations": {str(p): [n, k] for p, (n, k) in sorted(self.activations.items())},
             "skips": [[s.source, s.target, s.add] for s in self.skips],
             "breaks": {str(p): r for p, r in sorted(self.breaks.items())},
@@ -245,7 +266,8 @@ class Analysis:
 
     @property
     def num_layers(self) -> int:
-        return sum(c.length for c in self.chains)
+        """Conv layers (a residual junction is a chain position, not a layer that computes)."""
+        return sum(not layer.junction for c in self.chains for layer in c.layers)
 
     def signature(self) -> list[dict]:
         """Every chain's structure (see :meth:`Chain.signature`)."""
@@ -268,7 +290,7 @@ class Analysis:
                 act = c.activations.get(p)
                 mark = "" if act is None else (act[1] if p in c.droppable else f"{act[1]} (kept)")
                 note = "break" if p in c.breaks else ("border" if p in c.borders else "")
-                rows.append([c.index, p, layer.conv, layer.geometry.describe(), "BN" if layer.bn else "",
+                rows.append([c.index, p, layer.conv, layer.describe(), "BN" if layer.bn else "",
                              skip_at.get(p, ""), mark, note])
         return tabulate(rows, headers=["chain", "pos", "conv", "geometry", "bn", "skip", "activation", ""],
                         tablefmt="simple")

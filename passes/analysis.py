@@ -27,7 +27,7 @@ from fxmerge.records import Analysis, BlockLimits, Chain, Layer, Skip, residual_
 
 from . import patterns
 from .pruning import with_prune_options
-from .tracing import TRACE_RECORD, TraceOptions, check_trace, input_specs, prepare, shape_of
+from .tracing import TRACE_RECORD, TraceOptions, captured_by, check_trace, input_specs, prepare, shape_of
 
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, trace: TraceOptions | None = None,
@@ -180,6 +180,15 @@ def _walk(g: _Graph, start: Layer, taken: set[str], index: int) -> Chain:
         if act is not None:
             activations[p] = (act.name, patterns.activation_kind(g.gm, act))
             node = act
+            junction = _junction_after(g, act, positions, layers) if not skips or skips[-1].target != p else None
+            if junction is not None:  # x_s + act(z_p): the add is a layer of its own, the identity
+                positions.append(node)
+                layers.append(junction[0])
+                skips.append(Skip(junction[1], len(layers), junction[0].conv))
+                node = g.nodes[junction[0].conv]
+                if g.activation_after(node) is not None:  # act(x_s + act(z)): not modelled; the chain ends here
+                    positions.append(node)
+                    break
         positions.append(node)
         nxt = [l for l in g.by_input.get(node.name, []) if l.conv not in taken]
         current = nxt[0] if len(nxt) == 1 else None
@@ -187,6 +196,18 @@ def _walk(g: _Graph, start: Layer, taken: set[str], index: int) -> Chain:
     _mark_breaks(g, chain, positions)
     chain.borders = border_positions(chain)
     return chain
+
+
+def _junction_after(g: _Graph, act: fx.Node, positions: list[fx.Node], layers: list[Layer]) -> tuple[Layer, int] | None:
+    """``(junction layer, source position)`` when ``act``'s only consumer is an identity residual
+    add ``act + x_s`` for an earlier position s of this chain (an activation before the add)."""
+    add = _sole_consumer(g.gm, act)
+    s = _identity_skip(g.gm, add, act, positions, layers) if add is not None else None
+    shape = shape_of(act)
+    if s is None or shape is None:
+        return None
+    identity = ConvGeometry.identity(shape[1], len(shape) - 2)
+    return Layer(add.name, None, None, identity, shape, shape_of(add), junction=True), s
 
 
 def _identity_skip(gm: fx.GraphModule, add: fx.Node, node: fx.Node, positions: list[fx.Node],
@@ -254,16 +275,17 @@ def _add_blocks(chain: Chain, limits: BlockLimits) -> None:
                 break  # a forced break strictly inside: no longer block from i either
             spec = run.extend(j)
             layer = chain.layers[j - 1]
-            if layer.output_shape is not None:  # what the block replaces: the original layers
+            if layer.output_shape is not None and not layer.junction:  # what the block replaces
                 replaced += conv_macs(layer.geometry, layer.output_shape)
             if j - i > 1 and not limits.kernel_fits(run.spans, chain.input_shapes[i]):
                 break  # kernels only grow with j
             if residual_conflict(i, j, skips):
                 continue
-            if j - i > 1 and not limits.allows(spec, chain.input_shapes[i], layer.output_shape, replaced):
+            runs_conv = chain.runs_conv(i, j)
+            if j - i > 1 and runs_conv and not limits.allows(spec, chain.input_shapes[i], layer.output_shape, replaced):
                 continue
             chain.valid_blocks.append((i, j))
-            chain.specs[(i, j)] = spec
+            chain.specs[(i, j)] = spec if runs_conv else None  # a junction alone runs only its add
 
 
 def analyze_graph(gm: fx.GraphModule, limits: BlockLimits | None = None, *, blocks: bool = True,
@@ -282,4 +304,4 @@ def analyze_graph(gm: fx.GraphModule, limits: BlockLimits | None = None, *, bloc
         if blocks:
             _add_blocks(chain, limits)
         chains.append(chain)
-    return Analysis(gm, chains, limits, unmergeable, list(inputs or []))
+    return Analysis(gm, chains, limits, unmergeable, list(inputs or []), capture=captured_by(gm))

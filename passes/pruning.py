@@ -103,7 +103,8 @@ def _grow(chain: Chain, states: dict, j: int, norms: dict[int, float]) -> tuple[
     grown: dict[tuple, tuple[float, tuple[int, ...], bool, MergedRun]] = {}
     specs: dict[ConvGeometry | None, tuple[float, tuple[int, ...], MergedRun]] = {}
     for norm, pruned, kept_any, run in states.values():
-        variants = [(norm + norms.get(j, 0.0), pruned, True, None)]
+        # a junction (residual add) is the identity: it keeps no conv
+        variants = [(norm, pruned, kept_any, None)] if layer.junction else [(norm + norms.get(j, 0.0), pruned, True, None)]
         if j in norms:
             variants.append((norm, pruned + (j,), kept_any, identity))
         for v_norm, v_pruned, v_kept, geometry in variants:
@@ -125,7 +126,7 @@ def pruned_spec(chain: Chain, a: int, b: int, pruned: Iterable[int]) -> ConvGeom
     for option in chain.options.get((a, b), ()):  # the DP's options carry theirs: planning asks often
         if option.pruned == pruned:
             return option.spec
-    if all(p in pruned for p in range(a + 1, b + 1)):
+    if not chain.runs_conv(a, b, pruned):
         return None
     run = _run(chain, a)
     for p in range(a + 1, b + 1):

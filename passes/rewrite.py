@@ -35,7 +35,8 @@ from fxmerge.records import LayerNodes, NestedSkip, Segment
 
 from . import patterns
 from .analysis import analyze_graph, layer_geometry
-from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare, unwrap
+from .model_checks import unwrap
+from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare
 from .weights import COMPOSE_DTYPE, folded_weights
 
 RECORD = "fxmerge"  # key in GraphModule.meta
@@ -70,7 +71,14 @@ def _insert_pad(graph: fx.Graph, before: fx.Node, source: fx.Node, padding: Pads
 
 
 def _geometries(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: Sequence[tuple]) -> list[ConvGeometry]:
-    return [layer_geometry(gm, nodes[conv], nodes[pad] if pad else None) for conv, pad, _ in layers]
+    return [_junction_geometry(nodes[l.conv]) if l.junction else
+            layer_geometry(gm, nodes[l.conv], nodes[l.pad] if l.pad else None) for l in layers]
+
+
+def _junction_geometry(add: fx.Node) -> ConvGeometry:
+    """A junction (the add of ``x_s + act(z)``) computes the identity on its map."""
+    shape = add.meta["tensor_meta"].shape
+    return ConvGeometry.identity(shape[1], len(shape) - 2)
 
 
 def _is_linearized(gm: Any) -> bool:
@@ -127,7 +135,7 @@ def _prune_layer(gm: fx.GraphModule, nodes: dict[str, fx.Node], layer: tuple) ->
     """Replace a layer (pad, conv and BatchNorm calls) by the identity: its users read its input.
     Only these calls go; a module they called stays for its other calls. Returns the names of
     the layer's output node (gone) and of the node that now stands for it."""
-    conv, pad, bn = layer
+    conv, pad, bn, _ = layer
     source, out = nodes[pad or conv].args[0], nodes[bn or conv]
     out.replace_all_uses_with(source)
     gone = out.name
@@ -146,10 +154,10 @@ def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
                  trace: TraceOptions) -> fx.GraphModule:
     """The private trace of ``model`` the plan applies to, structure checked."""
     if example_inputs is not None:
-        gm = prepare(model, check_inputs("example_inputs", example_inputs), trace)
+        gm = prepare(model, check_inputs("example_inputs", example_inputs), trace, capture=plan.capture)
     elif plan.inputs:
         try:
-            gm = prepare(model, inputs_from_specs(plan.inputs, model), trace)
+            gm = prepare(model, inputs_from_specs(plan.inputs, model), trace, capture=plan.capture)
         except InvalidArgumentError as exc:
             shapes = [spec["shape"] for spec in plan.inputs]
             raise PlanMismatchError(f"plan built for a different model: this model cannot run inputs of the shapes "
@@ -165,7 +173,7 @@ def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: Cha
     """Move a segment's padding and record what ``merge`` needs: its input node and the
     padding in front of it, its layers (pruned ones compose as the identity), nested skips
     with their kernel offsets, and its last node."""
-    layers = [list(l) for l in chain.layers[a:b]]
+    layers = [[l.conv, l.pad, l.bn] for l in chain.layers[a:b]]  # pads may move: mutable
     kept = [p - a - 1 for p in chain.kept_layers(a, b)]  # indices into layers
     skips = [(s - a, t - a, add) for s, t, add in chain.skips if a <= s and t <= b]
     offsets = algebra.skip_offsets(geoms, [(s, t) for s, t, _ in skips])
@@ -176,7 +184,7 @@ def _linearize_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], chain: Cha
     last = max([k + 1 for k in kept] + list(ends))
     conv, _, bn = layers[last - 1]
     return Segment(start=start, front=algebra.padding_enlargement(geoms)[0],
-                   layers=tuple(LayerNodes(*l) for l in layers),
+                   layers=tuple(LayerNodes(*l, junction=j.junction) for l, j in zip(layers, chain.layers[a:b])),
                    pruned={k: geoms[k].in_channels for k in range(b - a) if k not in kept},
                    skips=tuple(NestedSkip(s, t, add, tuple(offsets[t][1])) for s, t, add in skips),
                    end=ends.get(last, bn or conv))
@@ -246,7 +254,7 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
 @torch.no_grad()
 def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment) -> algebra.ConvState:
     convs = []
-    for k, (conv, _, bn) in enumerate(segment.layers):
+    for k, (conv, _, bn, _) in enumerate(segment.layers):
         if k in segment.pruned:  # the identity, as a depthwise 1x..x1 conv
             convs.append(_identity_conv(segment.pruned[k], gm, nodes, segment))
             continue
