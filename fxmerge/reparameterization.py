@@ -20,7 +20,7 @@ import copy
 
 import torch.nn as nn
 
-from fxmerge.passes.tracing import check_model
+from fxmerge.passes.model_checks import check_model
 
 _REPARAMETERIZE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
 

@@ -18,7 +18,7 @@ already understand, so the rest of fxmerge works on it unchanged:
 ...             x = self.act(self.bn(conv(x)))
 ...         return x
 >>> x = torch.randn(1, 8, 16, 16)
->>> gm = capture(Looped(), (x,))
+>>> gm = capture(Looped().eval(), (x,))
 >>> [n.name for n in gm.graph.nodes][:4]
 ['x', 'convs_0', 'bn', 'act']
 >>> analysis = fxmerge.analyze(gm, (x,))
@@ -64,6 +64,7 @@ import torch.utils._pytree as pytree
 from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
 
 from . import patterns
+from .model_checks import check_model  # the same refusals as the fx path (hooks, weight_norm)
 
 CAPTURE_RECORD = "fxmerge_capture"  # GraphModule.meta key: how the graph was captured
 _MAX_REL_ERROR = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -72,7 +73,7 @@ aten = torch.ops.aten
 
 
 def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor] | None = None,
-            *, strict: bool = False, check: bool = True) -> fx.GraphModule:
+            *, strict: bool = False, dynamic_batch: bool = True, check: bool = True) -> fx.GraphModule:
     """``model`` exported with ``torch.export`` at ``example_inputs`` and lowered to the
     torch-level graph fxmerge analyses (see the module docstring): a ``GraphModule`` in eval
     mode that returns what the model returns, runs eagerly, compiles, exports and goes to ONNX.
@@ -81,10 +82,13 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     names are deterministic: capturing the same model at the same shapes gives the same names,
     which is what plans record. ``strict=False`` (non-strict export: Python runs the forward,
     about twice as fast as ``strict=True`` on YOLO and names module calls by their paths) is
-    the default; pass ``strict=True`` if non-strict export fails. ``check`` compares the
-    result with the model on the example inputs.
+    the default; pass ``strict=True`` if non-strict export fails. ``dynamic_batch`` leaves
+    the batch size open (exporting at batch 2 if the example has batch 1), so the linearized
+    model fine-tunes on any batch; it costs up to 2x the export time, and falls back to the
+    example's batch where the model fixes it. ``check`` compares the result with the model on
+    the example inputs.
     """
-    source = _Source.of(model, example_inputs, strict)
+    source = _Source.of(model, example_inputs, strict, dynamic_batch)
     lowering = _Lowering(source)
     gm = lowering.run()
     if check:
@@ -108,14 +112,15 @@ class _Source:
     strict: bool
 
     @staticmethod
-    def of(model: Any, example_inputs: Sequence[torch.Tensor] | None, strict: bool) -> "_Source":
+    def of(model: Any, example_inputs: Sequence[torch.Tensor] | None, strict: bool, dynamic_batch: bool
+           ) -> "_Source":
         if isinstance(model, torch.export.ExportedProgram):
             return _Source._of_program(model, example_inputs)
-        return _Source._of_module(model, example_inputs, strict)
+        return _Source._of_module(model, example_inputs, strict, dynamic_batch)
 
     @staticmethod
-    def _of_module(model: Any, example_inputs: Sequence[torch.Tensor] | None, strict: bool) -> "_Source":
-        from .tracing import check_model  # the same refusals as the fx path (hooks, weight_norm)
+    def _of_module(model: Any, example_inputs: Sequence[torch.Tensor] | None, strict: bool, dynamic_batch: bool
+                   ) -> "_Source":
 
         model = check_model(model)
         inputs = _check_inputs(example_inputs)
@@ -124,9 +129,10 @@ class _Source:
                           "its running statistics, dropout off); the model you passed is left as it is. Call .eval() "
                           "first to silence this.", stacklevel=4)
         private, reference = _warmed_copy(model, inputs)
-        program = _export_any_batch(private, inputs, strict)
+        program = _export_any_batch(private, inputs, strict) if dynamic_batch else None
         if program is None:  # the batch could not be left open: export at the example shapes exactly
-            private, _ = _warmed_copy(model, inputs)
+            if dynamic_batch:  # that export may have left its own values in the copy's attributes
+                private, _ = _warmed_copy(model, inputs)
             program = _export(private, inputs, strict, None)
         return _Source(program, private, inputs, reference, type(model).__name__, strict)
 
@@ -406,7 +412,9 @@ class _Lowering:
         gm.graph = self.graph
         gm.graph.lint()
         gm.meta[CAPTURE_RECORD] = {"exporter": "torch.export", "strict": self.source.strict,
-                                   "module_calls": len(self.modules)}
+                                   "open_batch": any(not isinstance(n.meta["val"].shape[0], int)
+                                                     for n in _user_inputs(self.program) if n.meta["val"].dim()),
+                                   "modules": len(self.modules)}
         gm.recompile()
         return gm.eval()
 
@@ -416,11 +424,12 @@ class _Lowering:
 
 def _make_out_of_place(graph: fx.Graph, dry_run: bool = False) -> bool:
     """Replace each in-place ATen op (``relu_``, ``add_``) by its out-of-place twin where
-    that computes the same: the mutated tensor is a fresh one of this graph and nothing reads
-    it afterwards, or aliases it. Returns False, changing nothing, if some mutation is not of
-    that kind (the caller then functionalizes the whole program)."""
+    that computes the same: the mutated tensor is a fresh one of this graph (made by an
+    out-of-place op, or an in-place op replaced before it) that nothing reads afterwards or
+    aliases. Returns False, changing nothing, if some mutation is not of that kind (the caller
+    then functionalizes the whole program)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    twins = {}
+    twins: dict[fx.Node, torch._ops.OpOverload] = {}
     for node in graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -429,7 +438,7 @@ def _make_out_of_place(graph: fx.Graph, dry_run: bool = False) -> bool:
         if not written:
             continue
         twin = _functional_twin(node.target)
-        if written != [0] or twin is None or not _private_and_dead_after(node.args[0], node, order):
+        if written != [0] or twin is None or not _private_and_dead_after(node.args[0], node, order, twins):
             return False
         twins[node] = twin
     if not dry_run:
@@ -449,24 +458,27 @@ def _functional_twin(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     return twin
 
 
-def _returns_fresh(node: fx.Node) -> bool:
-    """``node`` computes a new tensor (not a view or alias of one of its inputs)."""
+def _returns_fresh(node: fx.Node, replaced: dict) -> bool:
+    """``node`` computes a new tensor (not a view or alias of one of its inputs), counting the
+    in-place ops already found replaceable as the out-of-place ops they become."""
     if node.op != "call_function":
         return False
+    if node in replaced:
+        return True
     if node.target is operator.getitem:
-        return isinstance(node.args[0], fx.Node) and _returns_fresh(node.args[0])
+        return isinstance(node.args[0], fx.Node) and _returns_fresh(node.args[0], replaced)
     if not isinstance(node.target, torch._ops.OpOverload):
         return False
     return all(r.alias_info is None for r in node.target._schema.returns)
 
 
-def _private_and_dead_after(value: Any, mutation: fx.Node, order: dict[fx.Node, int]) -> bool:
-    if not isinstance(value, fx.Node) or not _returns_fresh(value):
+def _private_and_dead_after(value: Any, mutation: fx.Node, order: dict[fx.Node, int], replaced: dict) -> bool:
+    if not isinstance(value, fx.Node) or not _returns_fresh(value, replaced):
         return False
     for user in value.users:
         if user is mutation:
             continue
-        if order[user] > order[mutation] or not _returns_fresh(user):
+        if order[user] > order[mutation] or not _returns_fresh(user, replaced):
             return False
     return True
 

@@ -37,6 +37,8 @@ from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedMo
 
 from . import patterns
 from .activations import is_activation_module
+from .capture import CAPTURE_RECORD, capture as export_capture
+from .model_checks import check_model, is_fxmerge_output
 
 TRACE_RECORD = "fxmerge_trace"  # GraphModule.meta key: what prepare kept whole or made concrete
 _MAX_RETRIES = 64
@@ -78,49 +80,6 @@ def check_trace(value: Any) -> TraceOptions:
     if not isinstance(value, TraceOptions):
         raise InvalidArgumentError(f"trace must be fxmerge.TraceOptions(...) or None; got {type(value).__name__}")
     return value
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` wrappers (their ``_orig_mod`` is the real model)."""
-    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-        model = model._orig_mod
-    return model
-
-
-def is_fxmerge_output(model: nn.Module) -> bool:
-    return isinstance(model, fx.GraphModule) and "fxmerge" in getattr(model, "meta", {})
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_model(model: Any) -> nn.Module:
-    """The model to trace, or a clear error for what fxmerge cannot handle faithfully."""
-    if isinstance(model, torch.export.ExportedProgram):
-        raise UnsupportedModelError(
-            "got a torch.export ExportedProgram: fxmerge rewrites the eager nn.Module. Pass the module you "
-            "exported, then export the compressed one (fxmerge's outputs export like any module).")
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    model = unwrap(model)
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd,) + patterns.BN_MODULES):
-            continue
-        for hook in module._forward_pre_hooks.values():
-            kind = type(hook).__name__
-            modern = {"WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
-                      "SpectralNorm": "torch.nn.utils.parametrizations.spectral_norm"}.get(kind)
-            advice = (f"it is the old-style {kind}: use {modern} instead (fxmerge merges parametrized convs), "
-                      f"or remove it (torch.nn.utils.remove_{'weight' if kind == 'WeightNorm' else 'spectral'}_norm)"
-                      if modern else "remove the hook, or fold what it does into the weights first")
-            raise UnsupportedModelError(
-                f"'{name}' ({type(module).__name__}) has a forward pre-hook that may rewrite its weights or input, "
-                f"which fxmerge would not see: {advice}.")
-        if module._forward_hooks:
-            raise UnsupportedModelError(
-                f"'{name}' ({type(module).__name__}) has a forward hook; merging replaces the module, so the hook "
-                "would silently stop running. Remove it before fxmerge and re-register it on the result.")
-    return model
 
 
 def _check_not_aten(gm: fx.GraphModule) -> None:
@@ -226,6 +185,57 @@ def trace(model: nn.Module, options: TraceOptions = TraceOptions()) -> fx.GraphM
     gm.meta[TRACE_RECORD] = {"leaves": dict(leaves.reasons)}
     _check_not_aten(gm)
     return gm
+
+
+def capture_graph(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
+                  options: TraceOptions = TraceOptions(), capture: str | None = None) -> fx.GraphModule:
+    """The model's graph: torch.fx's where it traces, else torch.export's lowered to the same
+    torch-level form (:mod:`.capture`); an ``ExportedProgram`` is lowered directly.
+
+    fx goes first because it is the cheaper capture by far (a failed fx attempt costs
+    milliseconds, an export seconds: ``benchmarks/capture_cost.py``) and keeps the model's own
+    module calls; export is tried when fx fails, or when fx had to keep convs inside
+    submodules it could not trace (export sees inside them; if it fails, fx's graph stands). ``capture="export"`` (what a plan made on an exported graph records) skips
+    the fx attempt so a plan is re-applied to the graph it was made on (a GraphModule, such
+    as :func:`.capture`'s, is taken as it is either way); explicit
+    ``TraceOptions`` mean the user chose fx, so no fallback hides their tracer's failure.
+    """
+    already_a_graph = isinstance(model, fx.GraphModule) and options.is_default  # copied as it is
+    if isinstance(model, torch.export.ExportedProgram) or (capture == "export" and not already_a_graph):
+        return export_capture(model, example_inputs)
+    try:
+        gm = trace(model, options)
+    except TraceFailedError as fx_failure:
+        if not options.is_default:
+            raise
+        try:
+            return _export_after_fx(model, example_inputs)
+        except (TraceFailedError, UnsupportedModelError) as export_failure:
+            raise TraceFailedError(f"{fx_failure} torch.export could not capture it either: {export_failure}"
+                                   ) from export_failure
+    if options.is_default and _hides_convs(gm):  # export may see inside what fx had to keep whole
+        try:
+            return _export_after_fx(model, example_inputs)
+        except (TraceFailedError, UnsupportedModelError) as export_failure:
+            gm.meta[TRACE_RECORD]["export"] = f"torch.export failed too ({export_failure}); fx's graph is used"
+    return gm
+
+
+def _export_after_fx(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    with warnings.catch_warnings():  # trace() already warned about train mode
+        warnings.filterwarnings("ignore", message=".*in train mode.*", category=UserWarning)
+        return export_capture(model, example_inputs)
+
+
+def _hides_convs(gm: fx.GraphModule) -> bool:
+    """Whether fx kept whole, because it could not trace them, submodules holding convs."""
+    kept = gm.meta.get(TRACE_RECORD, {}).get("leaves", {})
+    return any(isinstance(m, nn.modules.conv._ConvNd) for name in kept for m in gm.get_submodule(name).modules())
+
+
+def captured_by(gm: fx.GraphModule) -> str:
+    """How ``gm`` (from :func:`prepare`) was captured: ``"export"`` or ``"fx"``."""
+    return "export" if CAPTURE_RECORD in gm.meta else "fx"
 
 
 def _caller_stacklevel() -> int:
@@ -412,11 +422,12 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         gm.train(was_training)
 
 
-def prepare(model: nn.Module, example_inputs: Sequence[torch.Tensor], options: TraceOptions = TraceOptions()
-            ) -> fx.GraphModule:
-    """The private, canonical, shape-annotated GraphModule every pass works on."""
+def prepare(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
+            options: TraceOptions = TraceOptions(), *, capture: str | None = None) -> fx.GraphModule:
+    """The private, canonical, shape-annotated GraphModule every pass works on (see
+    :func:`capture_graph` for how it is captured)."""
     example_inputs = check_inputs("example_inputs", example_inputs)
-    gm = trace(model, options)
+    gm = capture_graph(model, example_inputs, options, capture)
     canonicalize(gm, example_inputs)
     propagate_shapes(gm, example_inputs)
     return gm
