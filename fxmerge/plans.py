@@ -224,14 +224,16 @@ class Plan:
     the DP (``fxmerge.plan``); apply it with ``fxmerge.linearize`` / ``fxmerge.merge``.
     ``inputs`` records the example input shapes the plan was made at (re-tracing a model
     whose padding depends on the input size needs them), ``capture`` how the model was
-    captured (``"fx"`` or ``"export"``), ``report`` what ``fxmerge.plan`` predicted (and
-    measured) for it; ``info`` is that report's JSON form.
+    captured (``"fx"`` or ``"export"``), ``modules`` the submodules it compresses (empty:
+    the whole model), ``report`` what ``fxmerge.plan`` predicted (and measured) for it;
+    ``info`` is that report's JSON form.
     """
 
     chains: list[ChainPlan]
     report: PlanReport | None = None
     inputs: list[dict] = field(default_factory=list)
     capture: str = "fx"
+    modules: list[str] = field(default_factory=list)
 
     @property
     def info(self) -> dict:
@@ -277,7 +279,7 @@ class Plan:
             check_chain_rules(cp, chain.index)
             check_prunable(cp, chain, chain.index)
             chains.append(cp)
-        return cls(chains, inputs=list(analysis.inputs), capture=analysis.capture)
+        return cls(chains, inputs=list(analysis.inputs), capture=analysis.capture, modules=list(analysis.modules))
 
     @classmethod
     def from_sets(cls, analysis: Analysis, keep: Iterable[str], merge_after: Iterable[str] | None = None, *,
@@ -394,8 +396,8 @@ class Plan:
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "capture": self.capture, "inputs": self.inputs,
-                "chains": [c.to_dict() for c in self.chains], "info": self.info}
+        return {"format": FORMAT, "version": VERSION, "capture": self.capture, "modules": self.modules,
+                "inputs": self.inputs, "chains": [c.to_dict() for c in self.chains], "info": self.info}
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
@@ -409,7 +411,10 @@ class Plan:
             capture = d.get("capture", "fx")
             if capture not in ("fx", "export"):
                 raise MalformedFileError(f"capture must be 'fx' or 'export'; got {capture!r}")
-            plan = cls(chains, report, inputs, capture)
+            modules = d.get("modules", [])
+            if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+                raise MalformedFileError(f"modules must be a list of submodule names; got {modules!r}")
+            plan = cls(chains, report, inputs, capture, modules)
             for i, c in enumerate(plan.chains):
                 check_chain_rules(c, i)
         except (MalformedFileError, InvalidPlanError) as exc:

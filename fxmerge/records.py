@@ -263,6 +263,7 @@ class Analysis:
     inputs: list[dict] = field(default_factory=list)  # example input shapes and dtypes
     prune_layers: bool = False  # whether chains carry pruning options (passes.pruning)
     capture: str = "fx"  # how the model was captured ("fx" or "export"): plans re-capture the same way
+    modules: list[str] = field(default_factory=list)  # the submodules analysed (empty: the whole model)
 
     @property
     def num_layers(self) -> int:
