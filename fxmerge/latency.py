@@ -32,10 +32,11 @@ from fxmerge.backends import Eager, get_backend
 from fxmerge.cost import CostModel, Correction
 from fxmerge.errors import EnvironmentMismatchError, InvalidArgumentError, MalformedFileError, MissingLatencyError
 from fxmerge.fingerprints import model_key
-from fxmerge.measure import PlanTimings, reference_plans, time_plans, unit_builders
+from fxmerge.measure import PlanTimings, pruned_reference_plans, reference_plans, time_plans, unit_builders
 from fxmerge.passes.analysis import analyze
 from fxmerge.passes.pruning import with_prune_options
 from fxmerge.passes.tracing import TraceOptions
+from fxmerge.plans import Plan
 from fxmerge.records import Analysis, BlockLimits
 from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 from fxmerge.table_checks import check_reference, check_table_contents, limits_dict
@@ -141,16 +142,28 @@ class LatencyTable:
             units = len(todo) * (settings.rounds if isinstance(backend, Eager) else 1)
             bar = Progress(units, f"fxmerge: timing {len(todo)} table entries ({backend.name})", progress)
             backend.time_units(todo, settings, state=self.pending, done=done, checkpoint=checkpoint, progress=bar)
-        if reference and model_key(analysis) not in self.references:
-            plans = reference_plans(analysis, self.ms)
+        plans = self._references_to_time(analysis) if reference else {}
+        if plans:
             log.info("fxmerge: timing %d reference plans end to end (%s)", len(plans), self.backend)
-            self.record(analysis, example_inputs, time_plans(self.backend, model, example_inputs, analysis, plans,
-                                                             self.ms, kind="reference", include_original=True,
-                                                             trace=trace))
+            self.record(analysis, example_inputs, time_plans(
+                self.backend, model, example_inputs, analysis, plans, self.ms, kind="reference",
+                include_original=model_key(analysis) not in self.references, trace=trace))
             changed = True
         if changed:  # nothing measured, nothing to write
             checkpoint()
         return self
+
+    def _references_to_time(self, analysis: Analysis) -> dict[str, Plan]:
+        """The reference plans a model still needs: all of them for a model the table has no
+        reference for; for an analysis with pruning options whose reference has no plan that
+        prunes (measured depth-only before), the pruned ones (:func:`pruned_reference_plans`),
+        so pruned predictions rest on pruned observations."""
+        ref = self.references.get(model_key(analysis))
+        if ref is None:
+            return reference_plans(analysis, self.ms)
+        if analysis.prune_layers and not any(o.get("pruned") for o in ref["observations"]):
+            return pruned_reference_plans(analysis, self.ms)
+        return {}
 
     def record(self, analysis: Analysis, inputs: Sequence[torch.Tensor], timings: PlanTimings) -> None:
         """Keep plans timed end to end (:func:`fxmerge.measure.time_plans`) as observations."""

@@ -7,7 +7,9 @@ data for :class:`~fxmerge.LatencyTable` to record.
   activation right after its conv (a backend that fuses the two is charged only what the
   activation adds);
 * :func:`reference_plans` — a few whole plans spanning what the DP can choose: the folded
-  original, the DP's own picks at 80 % and 60 % of its summed terms, the fastest plan;
+  original, the DP's own picks at 80 % and 60 % of its summed terms, the fastest plan; for an
+  analysis with pruning options also plans that prune (:func:`pruned_reference_plans`), so the
+  correction is fitted where pruned plans lie, not extrapolated from depth-only ones;
 * :func:`time_plans` — whole plans merged and timed interleaved with the folded original: the
   observations the table's correction is fitted to.
 
@@ -32,7 +34,7 @@ from fxmerge.passes.activations import registered_activations
 from fxmerge.passes.rewrite import merge
 from fxmerge.passes.tracing import TraceOptions
 from fxmerge.plans import Plan
-from fxmerge.problem import probe_plans
+from fxmerge.problem import build_problem, frontier_plans, probe_plans
 from fxmerge.records import Analysis
 
 log = logging.getLogger("fxmerge")
@@ -101,13 +103,36 @@ def activation_module(kind: str) -> nn.Module:
 def reference_plans(analysis: Analysis, lookup: Callable[[str], float]) -> dict[str, Plan]:
     """The plans a table times end to end for ``analysis`` (see the module's docstring)."""
     cost = CostModel(analysis, lookup)
-    return {**cost.bounding_plans(), **probe_plans(analysis, cost, REFERENCE_FRACTIONS)}
+    plans = {**cost.bounding_plans(), **probe_plans(analysis, cost, REFERENCE_FRACTIONS)}
+    if analysis.prune_layers:
+        seen = {p.fingerprint() for p in plans.values()}
+        plans.update({k: p for k, p in pruned_reference_plans(analysis, lookup).items() if p.fingerprint() not in seen})
+    return plans
+
+
+def pruned_reference_plans(analysis: Analysis, lookup: Callable[[str], float]) -> dict[str, Plan]:
+    """Plans that prune, from the DP's frontier with uniform importance (where each pruned conv
+    counts -1, so plans prune only where depth alone cannot go): the fastest of them and the
+    one halfway along the pruned part of the frontier. With uniform importance the DP prunes
+    only below the depth-only plans, so these are the plans ``prune_layers=True`` makes at
+    small budgets; empty when no plan prunes."""
+    cost = CostModel(analysis, lookup)
+    problem = build_problem(analysis, cost, None, prune_layers=True)
+    if not problem.options:
+        return {}
+    pruned = [plan for plan, _ in frontier_plans(analysis, problem, None, 0.0) if plan.num_pruned]
+    if not pruned:
+        return {}
+    picks = {"pruned-fastest": pruned[0], "pruned-mid": pruned[len(pruned) // 2]}
+    return picks if picks["pruned-mid"].fingerprint() != picks["pruned-fastest"].fingerprint() else \
+        {"pruned-fastest": pruned[0]}
 
 
 @dataclass(frozen=True)
 class PlanTimings:
     """Plans timed interleaved with the folded original: its milliseconds, each plan's ratio to
-    it, and the observations (``{"plan", "kind", "terms_ms", "ops", "ratio"}``) to record."""
+    it, and the observations (``{"plan", "kind", "terms_ms", "ops", "ratio", "pruned"}``,
+    ``pruned`` the number of convs the plan prunes) to record."""
 
     original_ms: float
     ratios: dict[str, float]
@@ -131,8 +156,8 @@ def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], a
     original_ms = timings[folded.fingerprint()].ms
     ratios = {name: timings[plan.fingerprint()].ms / original_ms for name, plan in plans.items()}
     observations = [{"plan": plan.fingerprint(), "kind": kind, "terms_ms": raw.terms_ms(plan), "ops": raw.op_count(plan),
-                     "ratio": ratios[name]} for name, plan in plans.items()]
+                     "ratio": ratios[name], "pruned": plan.num_pruned} for name, plan in plans.items()]
     if include_original and all(p.fingerprint() != folded.fingerprint() for p in plans.values()):
         observations.insert(0, {"plan": folded.fingerprint(), "kind": "fold-only", "terms_ms": raw.terms_ms(folded),
-                                "ops": raw.op_count(folded), "ratio": 1.0})
+                                "ops": raw.op_count(folded), "ratio": 1.0, "pruned": 0})
     return PlanTimings(original_ms, ratios, observations)

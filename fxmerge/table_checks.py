@@ -81,6 +81,8 @@ def check_reference(name: str, ref: Any) -> None:
         check_number(f"{where}['terms_ms']", obs.get("terms_ms"), minimum=0, hint="milliseconds")
         check_count(f"{where}['ops']", obs.get("ops"), minimum=0)
         check_number(f"{where}['ratio']", obs.get("ratio"), minimum=0, strict=True, hint="measured / original")
+        if "pruned" in obs:
+            check_count(f"{where}['pruned']", obs["pruned"], minimum=0)
 
 
 def limits_dict(limits: BlockLimits) -> dict:
