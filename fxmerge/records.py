@@ -16,7 +16,7 @@ merged conv may cross; a *block* (i, j] is layers i+1..j merged into one conv.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch.fx as fx
 from tabulate import tabulate
@@ -394,3 +394,12 @@ class Segment:
     @property
     def kept(self) -> list[LayerNodes]:
         return [layer for k, layer in enumerate(self.layers) if k not in self.pruned]
+
+    def renamed(self, names: Mapping[str, str]) -> "Segment":
+        """The same segment in a graph where node ``a`` is called ``names.get(a, a)`` (a part
+        split out of a larger graph)."""
+        def new(name: str | None) -> str | None:
+            return None if name is None else names.get(name, name)
+        layers = tuple(LayerNodes(new(l.conv), new(l.pad), new(l.bn), l.junction) for l in self.layers)
+        skips = tuple(NestedSkip(k.source, k.target, new(k.add), k.offset) for k in self.skips)
+        return Segment(new(self.start), self.front, layers, self.pruned, skips, new(self.end))

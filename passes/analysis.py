@@ -26,12 +26,14 @@ from fxmerge.geometry import MergedRun, conv_macs
 from fxmerge.records import Analysis, BlockLimits, Chain, Layer, Skip, residual_conflict
 
 from . import patterns
+from .parts import check_module_list
 from .pruning import with_prune_options
 from .tracing import TRACE_RECORD, TraceOptions, captured_by, check_trace, input_specs, prepare, shape_of
 
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, trace: TraceOptions | None = None,
-            limits: BlockLimits | None = None, prune_layers: bool = False) -> Analysis:
+            limits: BlockLimits | None = None, prune_layers: bool = False,
+            modules: Sequence[str] | None = None) -> Analysis:
     """Trace ``model`` (an ``nn.Module``, a ``torch.compile``d one, or a GraphModule) and find its
     mergeable chains, droppable activations, identity skips, forced breaks, border positions
     and valid blocks.
@@ -43,7 +45,9 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, trace: 
     are listed in ``print(analysis)``. ``trace`` (:class:`~fxmerge.TraceOptions`) helps with
     models fx cannot trace as they are. ``limits`` bounds the candidate blocks.
     ``prune_layers=True`` also finds each block's ways of pruning layers (LayerMerge;
-    ``chain.options``, :mod:`fxmerge.passes.pruning`).
+    ``chain.options``, :mod:`fxmerge.passes.pruning`). ``modules=["backbone", ...]`` analyses
+    only those submodules, side by side, on the inputs they get when the whole model runs on
+    ``example_inputs`` (:mod:`fxmerge.passes.parts`); plans from it rewrite only them.
 
     >>> import torch, torchvision, fxmerge
     >>> a = fxmerge.analyze(torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 64, 64),))
@@ -54,8 +58,10 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, trace: 
     check_flag("prune_layers", prune_layers)
     if limits is not None and not isinstance(limits, BlockLimits):
         raise InvalidArgumentError(f"limits must be fxmerge.BlockLimits(...) or None; got {type(limits).__name__}")
-    gm = prepare(model, example_inputs, check_trace(trace))
+    modules = check_module_list(modules) if modules is not None else []
+    gm = prepare(model, example_inputs, check_trace(trace), modules=modules)
     analysis = analyze_graph(gm, limits, inputs=input_specs(example_inputs))
+    analysis.modules = modules
     return with_prune_options(analysis) if prune_layers else analysis
 
 

@@ -18,6 +18,7 @@ recompiled and returned in eval mode.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Sequence
 
 import torch
@@ -36,10 +37,14 @@ from fxmerge.records import LayerNodes, NestedSkip, Segment
 from . import patterns
 from .analysis import analyze_graph, layer_geometry
 from .model_checks import unwrap
+from .parts import PARTS_RECORD, replace_parts, split_graph
 from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare
 from .weights import COMPOSE_DTYPE, folded_weights
 
 RECORD = "fxmerge"  # key in GraphModule.meta
+# The merged model's plan as JSON text in a plain attribute too: GraphModule.meta is dropped by
+# pickle and torch.save, attributes are kept, so a saved compressed model still knows its plan.
+PLAN_ATTRIBUTE = "fxmerge_plan_json"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -107,6 +112,8 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
         if model.meta[RECORD]["plan"] != plan.fingerprint():
             raise PlanMismatchError("this model was linearized with a different plan; linearize the original model")
         return copy.deepcopy(model).eval()
+    if plan.modules and _parts_linearized(model, plan):  # a linearized whole model: parts already done
+        return copy.deepcopy(model).eval()
     gm = _prepare_for(model, plan, example_inputs, check_trace(trace))
     nodes = _nodes(gm)
     segments = []
@@ -128,7 +135,28 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
                 start = _follow(renamed, starts[a])
                 segments.append(_linearize_segment(gm, nodes, chain, a, b, geometries[a:b], start))
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "segments": segments}
-    return _finish(gm)
+    gm = _finish(gm)
+    return _put_parts_back(model, gm, plan) if plan.modules else gm
+
+
+def _put_parts_back(model: nn.Module, gm: fx.GraphModule, plan: Plan) -> nn.Module:
+    """A copy of ``model`` whose planned submodules are the pieces of the linearized graph of
+    its parts, each carrying the segments it holds (so each merges on its own)."""
+    pieces = []
+    for piece, names in split_graph(gm, gm.meta[PARTS_RECORD]):
+        piece.meta[RECORD] = {"plan": plan.fingerprint(),
+                              "segments": [s.renamed(names) for s in gm.meta[RECORD]["segments"] if s.end in names]}
+        pieces.append(piece)
+    return replace_parts(model, plan.modules, pieces)
+
+
+def _parts_linearized(model: nn.Module, plan: Plan) -> bool:
+    """Whether ``model``'s planned submodules are pieces :func:`linearize` made with ``plan``."""
+    try:
+        parts = [model.get_submodule(name) for name in plan.modules]
+    except AttributeError:
+        return False
+    return all(_is_linearized(p) and p.meta[RECORD]["plan"] == plan.fingerprint() for p in parts)
 
 
 def _prune_layer(gm: fx.GraphModule, nodes: dict[str, fx.Node], layer: tuple) -> tuple[str, str]:
@@ -154,10 +182,12 @@ def _prepare_for(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
                  trace: TraceOptions) -> fx.GraphModule:
     """The private trace of ``model`` the plan applies to, structure checked."""
     if example_inputs is not None:
-        gm = prepare(model, check_inputs("example_inputs", example_inputs), trace, capture=plan.capture)
+        gm = prepare(model, check_inputs("example_inputs", example_inputs), trace, capture=plan.capture,
+                     modules=plan.modules)
     elif plan.inputs:
         try:
-            gm = prepare(model, inputs_from_specs(plan.inputs, model), trace, capture=plan.capture)
+            gm = prepare(model, inputs_from_specs(plan.inputs, model), trace, capture=plan.capture,
+                         modules=plan.modules)
         except InvalidArgumentError as exc:
             shapes = [spec["shape"] for spec in plan.inputs]
             raise PlanMismatchError(f"plan built for a different model: this model cannot run inputs of the shapes "
@@ -239,16 +269,33 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
 
     ``model`` is the original model or the (possibly fine-tuned) output of
     :func:`linearize` with the same plan; the result equals ``linearize(model, plan)`` in eval
-    mode up to float error. The plan is kept in ``result.meta['fxmerge']['plan_json']``.
+    mode up to float error. The result carries its plan (:func:`merged_plan_record`,
+    ``fxmerge.plan_of``), pickled or saved with ``torch.save`` too.
     """
     model = unwrap(model)
     gm = linearize(model, plan, example_inputs=example_inputs, trace=trace)
+    if plan.modules and not _is_linearized(gm):  # the whole model, its parts linearized: merge each
+        for name in plan.modules:
+            gm.set_submodule(name, merge(gm.get_submodule(name), plan))
+        setattr(gm, PLAN_ATTRIBUTE, json.dumps(plan.to_dict()))
+        return gm
     nodes, renamed = _nodes(gm), {}
     for segment in gm.meta[RECORD]["segments"]:
         gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment.start))
         renamed[gone] = now
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True, "plan_json": plan.to_dict()}
+    setattr(gm, PLAN_ATTRIBUTE, json.dumps(plan.to_dict()))
     return _finish(gm)
+
+
+def merged_plan_record(module: nn.Module) -> dict | None:
+    """The plan (as :meth:`Plan.to_dict`) a module returned by :func:`merge` carries, also after
+    pickling or ``torch.save`` (which drop ``meta``); None for any other module."""
+    record = getattr(module, "meta", {}).get(RECORD, {})
+    if "plan_json" in record:
+        return record["plan_json"]
+    text = getattr(module, PLAN_ATTRIBUTE, None)
+    return json.loads(text) if isinstance(text, str) else None
 
 
 @torch.no_grad()

@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxmerge.arguments import check_inputs
 from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
@@ -39,6 +40,7 @@ from . import patterns
 from .activations import is_activation_module
 from .capture import CAPTURE_RECORD, capture as export_capture
 from .model_checks import check_model, is_fxmerge_output
+from .parts import PARTS_RECORD, split_into_parts
 
 TRACE_RECORD = "fxmerge_trace"  # GraphModule.meta key: what prepare kept whole or made concrete
 _MAX_RETRIES = 64
@@ -88,8 +90,8 @@ def _check_not_aten(gm: fx.GraphModule) -> None:
                 and "conv" in str(node.target):
             raise UnsupportedModelError(
                 f"this graph calls ATen operators ('{node.name}': {node.target}), as the module of a torch.export'ed "
-                "program does: fxmerge works on the eager model. Pass the module before torch.export, then export "
-                "the compressed result.")
+                "program does: pass the ExportedProgram itself (fxmerge lowers it) or the module before "
+                "torch.export, then export the compressed result.")
 
 
 # --------------------------------------------------------------------------- tracing
@@ -406,30 +408,90 @@ def _concrete(values: dict, arg: Any) -> Any:
     return arg
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and records each node's output in ``node.meta['tensor_meta']`` as
+    torch's ``ShapeProp`` does, but without printing a traceback when a node fails: the
+    failure is raised with the node it happened at."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeFailed(n, exc) from exc
+        tensors = []
+
+        def describe(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return _extract_tensor_metadata(value)
+            return value
+
+        meta = map_aggregate(result, describe)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: fx.Node, cause: Exception):
+        super().__init__(node.name)
+        self.node, self.cause = node, cause
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Record every node's output shape in ``node.meta['tensor_meta']`` (eval mode, no grad)."""
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    except Exception as exc:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
-        raise InvalidArgumentError(f"running the example inputs {shapes} through the traced model failed: "
-                                   f"{str(exc).splitlines()[0]}. Pass inputs the model accepts, as a tuple "
+            _ShapeRecorder(gm).run(*example_inputs)
+    except _NodeFailed as failed:
+        raise InvalidArgumentError(
+            f"running the example inputs ({_shapes(example_inputs)}) through the traced model failed at "
+            f"'{failed.node.name}' ({_target_name(failed.node)}): {_first_line(failed.cause)}. Pass inputs the "
+            "model accepts, as a tuple (like torch.export).") from failed.cause
+    except Exception as exc:  # before any node ran (e.g. the wrong number of inputs)
+        raise InvalidArgumentError(f"running the example inputs ({_shapes(example_inputs)}) through the traced model "
+                                   f"failed: {_first_line(exc)}. Pass inputs the model accepts, as a tuple "
                                    "(like torch.export).") from exc
     finally:
         gm.train(was_training)
 
 
+def _shapes(example_inputs: Sequence[Any]) -> str:
+    return ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)
+                     else type(x).__name__ for x in example_inputs)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
 def prepare(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor],
-            options: TraceOptions = TraceOptions(), *, capture: str | None = None) -> fx.GraphModule:
+            options: TraceOptions = TraceOptions(), *, capture: str | None = None,
+            modules: Sequence[str] = ()) -> fx.GraphModule:
     """The private, canonical, shape-annotated GraphModule every pass works on (see
-    :func:`capture_graph` for how it is captured)."""
+    :func:`capture_graph` for how it is captured). With ``modules``, the graph of those
+    submodules side by side (:mod:`.parts`; ``gm.meta[PARTS_RECORD]`` holds them)."""
     example_inputs = check_inputs("example_inputs", example_inputs)
+    parts = None
+    if modules:
+        if isinstance(model, torch.export.ExportedProgram):
+            raise InvalidArgumentError("modules=[...] needs the nn.Module, not an ExportedProgram (export captures "
+                                       "the whole model)")
+        parts, example_inputs = split_into_parts(model, example_inputs, modules)
+        model = parts
     gm = capture_graph(model, example_inputs, options, capture)
     canonicalize(gm, example_inputs)
     propagate_shapes(gm, example_inputs)
+    if parts is not None:
+        gm.meta[PARTS_RECORD] = parts.layout()
     return gm
 
 

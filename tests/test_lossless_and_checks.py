@@ -168,13 +168,16 @@ def test_merged_weights_are_composed_in_float64_and_cast_once():
         assert torch.equal(getattr(single, name).bias, getattr(double, name).bias.float()), name
 
 
-def test_torch_exported_models_are_refused_with_an_explanation():
+def test_an_exported_program_is_lowered_and_its_aten_module_refused_with_an_explanation():
+    """An ExportedProgram goes through the export front-end (the same chains as the module);
+    ``exported.module()``, a GraphModule of ATen calls, is refused with what to pass instead."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
     x = torch.randn(1, 3, 8, 8)
     exported = torch.export.export(model, (x,))
-    with pytest.raises(fxmerge.UnsupportedModelError, match="ExportedProgram.*Pass the module you exported"):
-        fxmerge.analyze(exported, (x,))
-    with pytest.raises(fxmerge.UnsupportedModelError, match="ATen operators.*before torch.export"):
+    by_export, by_fx = fxmerge.analyze(exported, (x,)), fxmerge.analyze(model, (x,))
+    assert by_export.capture == "export" and by_fx.capture == "fx"
+    assert [len(c.layers) for c in by_export.chains] == [len(c.layers) for c in by_fx.chains] == [2]
+    with pytest.raises(fxmerge.UnsupportedModelError, match="ATen operators.*ExportedProgram itself"):
         fxmerge.analyze(exported.module(), (x,))
 
 
