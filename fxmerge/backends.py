@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from fxmerge.arguments import check_choice, check_inputs
 from fxmerge.errors import FxMergeError, InvalidArgumentError
-from fxmerge.timing import Progress, Timing, TimingSettings, calls_per_sample, check_timing_settings, evaluating, sample
+from fxmerge.timing import (NOISY_WIDTH, Progress, Timing, TimingNoiseWarning, TimingSettings, calls_per_sample,
+                            check_timing_settings, evaluating, merged, noise_note, sample)
 
 Builder = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]  # a unit and its inputs
 
@@ -324,19 +325,53 @@ BACKENDS = BackendRegistry([Eager(), Inductor(), OnnxRuntime()])
 
 def compare_latency(modules: Mapping[str, nn.Module], example_inputs: Sequence[torch.Tensor], *,
                     backend: str = "eager", rounds: int = 5, repeats: int = 15, min_repeat_ms: float = 30.0,
-                    warmup_ms: float = 500.0) -> dict[str, Timing]:
+                    warmup_ms: float = 500.0, baseline: str | None = None) -> dict[str, Timing]:
     """Time several modules interleaved on ``backend``: each round samples every module in
     turn, so a machine whose speed drifts (shared hosts do, by tens of percent over tens of
     seconds) shifts them all alike and their ratios stay honest. The modules are timed in eval
-    mode and left in the mode they were in."""
+    mode and left in the mode they were in.
+
+    The timing measures its own noise: each module's ratio to ``baseline`` (default: the
+    first module) has a confidence interval from the paired samples of the rounds
+    (:func:`fxmerge.timing.ratio`). When one is too wide to trust (over
+    :data:`fxmerge.timing.NOISY_WIDTH`), the comparison is run once more (as many rounds again,
+    samples joined); if it still is, a :class:`~fxmerge.timing.TimingNoiseWarning` names the
+    noise. A single module warns when its own samples spread that much."""
     check_timing_settings(rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms, warmup_ms=warmup_ms)
     chosen = get_backend(backend)
     if not isinstance(modules, Mapping) or not modules or not all(isinstance(m, nn.Module) for m in modules.values()):
         raise InvalidArgumentError("modules must be a non-empty mapping name -> nn.Module, e.g. {'model': model}; "
                                    f"got {type(modules).__name__}")
+    baseline = next(iter(modules)) if baseline is None else baseline
+    if baseline not in modules:
+        raise InvalidArgumentError(f"baseline must name one of the modules {sorted(modules)}; got {baseline!r}")
     example_inputs = check_inputs("example_inputs", example_inputs)
-    return chosen.compare(modules, example_inputs, rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms,
-                          warmup_ms=warmup_ms)
+    runners: dict = {}
+
+    def once() -> dict[str, Timing]:
+        return chosen.compare(modules, example_inputs, rounds=rounds, repeats=repeats, min_repeat_ms=min_repeat_ms,
+                              warmup_ms=warmup_ms, runners=runners)
+
+    timings = once()
+    if _noise(timings, baseline) is not None:
+        again = once()
+        timings = {name: merged(timings[name], again[name]) for name in timings}
+    note = _noise(timings, baseline)
+    if note is not None:
+        warnings.warn(note, TimingNoiseWarning, stacklevel=2)
+    return timings
+
+
+def _noise(timings: Mapping[str, Timing], baseline: str) -> str | None:
+    if len(timings) > 1:
+        return noise_note(timings, baseline)
+    t = timings[baseline]
+    if t.relative_spread <= NOISY_WIDTH:
+        return None
+    return (f"timing too noisy to trust: {baseline!r} measured {t.ms:.3f} ms with its samples spread "
+            f"{100 * t.relative_spread:.0f} % (IQR / median, {t.repeats} samples): the machine's speed moved while "
+            "timing (other work running?); time again on a quieter machine, or compare against a baseline in the "
+            "same run (compare_latency)")
 
 
 def measure_latency(module: nn.Module, example_inputs: Sequence[torch.Tensor], *, backend: str = "eager",

@@ -17,6 +17,7 @@ stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -40,7 +41,7 @@ from fxmerge.plans import Plan
 from fxmerge.records import Analysis, BlockLimits
 from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 from fxmerge.table_checks import check_reference, check_table_contents, limits_dict
-from fxmerge.timing import Progress, Timing, TimingSettings, device_name
+from fxmerge.timing import Progress, Timing, TimingNoiseWarning, TimingSettings, device_name, drift_note
 
 FORMAT, VERSION = "fxmerge.latency", 2
 log = logging.getLogger("fxmerge")
@@ -49,6 +50,7 @@ RETIRED = {1: "a version-1 latency table, whose references predate end-to-end ob
 # What the numbers mean depends on these: a table measured with another value is refused.
 # A different torch version or thread count only makes them less accurate: a warning.
 MUST_MATCH, SHOULD_MATCH = ("backend", "dtype", "device"), ("torch", "threads")
+RECHECK_UNITS = 8  # units re-timed after the references, to see whether the machine changed meanwhile
 
 
 def environment(example_inputs: Sequence[torch.Tensor], backend: str) -> dict:
@@ -71,6 +73,8 @@ class LatencyTable:
         self.limits = dict(check_mapping("limits", limits if limits is not None else {}))
         self.pending = dict(check_mapping("pending", pending if pending is not None else {}))  # unfinished samples
         self.source: str | None = None  # the file it was loaded from (named in messages; never written implicitly)
+        # re-timed units over their table times, after the references (1.0: the machine held still)
+        self.drift: float | None = None
         check_table_contents(fingerprint=self.fingerprint, entries=self.entries, references=self.references,
                              limits=self.limits, pending=self.pending)
 
@@ -145,13 +149,32 @@ class LatencyTable:
         plans = self._references_to_time(analysis) if reference else {}
         if plans:
             log.info("fxmerge: timing %d reference plans end to end (%s)", len(plans), self.backend)
-            self.record(analysis, example_inputs, time_plans(
-                self.backend, model, example_inputs, analysis, plans, self.ms, kind="reference",
-                include_original=model_key(analysis) not in self.references, trace=trace))
+            timings = time_plans(self.backend, model, example_inputs, analysis, plans, self.ms, kind="reference",
+                                 include_original=model_key(analysis) not in self.references, trace=trace)
+            self.record(analysis, example_inputs, timings)
+            _warn_noisy_references(timings)
+            if todo:
+                self.drift = self._recheck_units(backend, todo, settings)
             changed = True
         if changed:  # nothing measured, nothing to write
             checkpoint()
         return self
+
+    def _recheck_units(self, backend: Any, units: dict[str, Any], settings: TimingSettings) -> float:
+        """Re-time the slowest of the units just measured, now that the references are timed,
+        and warn (:class:`~fxmerge.timing.TimingNoiseWarning`) when they run at another speed
+        than when the table timed them: units and references would then describe different
+        machine states. Returns the median ratio, re-timed over table."""
+        keys = sorted(units, key=lambda k: -self.ms(k))[:RECHECK_UNITS]
+        again: dict[str, float] = {}
+        backend.time_units({k: units[k] for k in keys}, dataclasses.replace(settings, rounds=1), state={},
+                           done=lambda key, timing: again.__setitem__(key, timing.ms), checkpoint=lambda: None,
+                           progress=Progress(len(keys), "fxmerge: re-timing units", False))
+        note = drift_note({k: self.ms(k) for k in again}, again)
+        if note is not None:
+            warnings.warn(note, TimingNoiseWarning, stacklevel=4)
+        ratios = sorted(again[k] / self.ms(k) for k in again if self.ms(k) > 0)
+        return ratios[len(ratios) // 2] if ratios else 1.0
 
     def _references_to_time(self, analysis: Analysis) -> dict[str, Plan]:
         """The reference plans a model still needs: all of them for a model the table has no
@@ -309,6 +332,18 @@ class LatencyTable:
         rows = [[k, f"{v['ms']:.4f}", f"{v.get('spread', 0.0):.4f}"] for k, v in sorted(self.entries.items(), key=lambda kv: -kv[1]["ms"])[:10]]
         return (f"fxmerge latency table: {len(self.entries)} entries, {len(self.references)} model references ({env})\n"
                 + tabulate(rows, headers=["slowest entries", "ms", "spread"]))
+
+
+def _warn_noisy_references(timings: PlanTimings) -> None:
+    noisy = timings.noisy()
+    if noisy:
+        worst = max(noisy, key=lambda n: timings.intervals[n].width)
+        r = timings.intervals[worst]
+        warnings.warn(f"{len(noisy)} of the table's {len(timings.intervals)} end-to-end references were timed too "
+                      f"noisily to trust: {worst!r} measured {r.value:.3f} of the folded original, {100 * r.confidence:.0f} % "
+                      f"interval {r.low:.3f}-{r.high:.3f} (+-{50 * r.width:.0f} %). The correction fitted to them (the "
+                      "rest of the network, the per-op overhead, the scale) is as uncertain: measure the table again on "
+                      "a quieter machine, or let verify=True observations correct it", TimingNoiseWarning, stacklevel=4)
 
 
 def _fit(reference: dict) -> Correction:

@@ -21,7 +21,7 @@ True
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -36,6 +36,7 @@ from fxmerge.passes.tracing import TraceOptions
 from fxmerge.plans import Plan
 from fxmerge.problem import build_problem, frontier_plans, probe_plans
 from fxmerge.records import Analysis
+from fxmerge.timing import Ratio, ratio
 
 log = logging.getLogger("fxmerge")
 
@@ -137,6 +138,19 @@ class PlanTimings:
     original_ms: float
     ratios: dict[str, float]
     observations: list[dict]
+    intervals: dict[str, Ratio] = field(default_factory=dict)  # each plan's ratio with its confidence interval
+    plans: dict[str, Plan] = field(default_factory=dict)
+
+    def noisy(self) -> list[str]:
+        """The plans whose ratio is too noisy to fit a correction to (:attr:`Ratio.trusted`)."""
+        return [name for name, r in self.intervals.items() if not r.trusted]
+
+    def trusted(self) -> "PlanTimings":
+        """These timings without the noisy plans' observations (the folded original's own, ratio 1
+        by definition, always stays)."""
+        noisy = {self.plans[name].fingerprint() for name in self.noisy()}
+        keep = [o for o in self.observations if o["plan"] not in noisy or o["kind"] == "fold-only"]
+        return PlanTimings(self.original_ms, self.ratios, keep, self.intervals, self.plans)
 
 
 def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], analysis: Analysis,
@@ -153,11 +167,13 @@ def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], a
     modules.update({plan.fingerprint(): merge(model, plan, trace=trace) for plan in plans.values()
                     if plan.fingerprint() not in modules})
     timings = get_backend(backend).compare(modules, inputs, rounds=3, repeats=9, runners=runners)
-    original_ms = timings[folded.fingerprint()].ms
+    original = timings[folded.fingerprint()]
+    original_ms = original.ms
     ratios = {name: timings[plan.fingerprint()].ms / original_ms for name, plan in plans.items()}
+    intervals = {name: ratio(timings[plan.fingerprint()], original) for name, plan in plans.items()}
     observations = [{"plan": plan.fingerprint(), "kind": kind, "terms_ms": raw.terms_ms(plan), "ops": raw.op_count(plan),
                      "ratio": ratios[name], "pruned": plan.num_pruned} for name, plan in plans.items()]
     if include_original and all(p.fingerprint() != folded.fingerprint() for p in plans.values()):
         observations.insert(0, {"plan": folded.fingerprint(), "kind": "fold-only", "terms_ms": raw.terms_ms(folded),
                                 "ops": raw.op_count(folded), "ratio": 1.0, "pruned": 0})
-    return PlanTimings(original_ms, ratios, observations)
+    return PlanTimings(original_ms, ratios, observations, intervals, dict(plans))

@@ -7,12 +7,13 @@ are timed with CUDA events.
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,14 +27,116 @@ class Timing:
     spread: float  # inter-quartile range of the repeats
     repeats: int
     calls: int  # calls per repeat
+    # the samples in the order they were taken (interleaved comparisons pair them); not saved
+    samples: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "samples"}
 
     @classmethod
     def from_samples(cls, samples: Sequence[float], calls: int) -> "Timing":
         quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-        return cls(statistics.median(samples), quartiles[2] - quartiles[0], len(samples), calls)
+        return cls(statistics.median(samples), quartiles[2] - quartiles[0], len(samples), calls, tuple(samples))
+
+    @property
+    def relative_spread(self) -> float:
+        """The inter-quartile range over the median: how much the machine moved under it."""
+        return self.spread / self.ms if self.ms > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- noise
+
+CONFIDENCE = 0.95
+NOISY_WIDTH = 0.10  # a ratio whose 95 % interval is wider than 10 % of it cannot be trusted
+
+
+class TimingNoiseWarning(UserWarning):
+    """A timing whose spread is too wide for the comparison it was made for."""
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The ratio of two modules' latencies timed interleaved: the median of the paired sample
+    ratios (sample k of one over sample k of the other, taken one after the other in the same
+    round) and a distribution-free confidence interval for it (order statistics of the pairs:
+    no assumption on how a busy machine's noise is distributed)."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float  # the interval's coverage (at least CONFIDENCE where there are enough pairs)
+    pairs: int
+
+    @property
+    def width(self) -> float:
+        """The interval's width relative to the ratio."""
+        return (self.high - self.low) / self.value if self.value > 0 else float("inf")
+
+    @property
+    def trusted(self) -> bool:
+        return self.width <= NOISY_WIDTH
+
+    def inverse(self) -> "Ratio":
+        """The same comparison the other way round (a speed-up from a latency ratio)."""
+        return Ratio(1 / self.value, 1 / self.high, 1 / self.low, self.confidence, self.pairs)
+
+    def interval(self) -> tuple[float, float]:
+        return (self.low, self.high)
+
+
+def _order_interval(n: int, confidence: float) -> tuple[int, float]:
+    """The largest k with P(k-th smallest <= median <= k-th largest) >= ``confidence`` for n
+    samples, and that coverage (k = 1, the full range, when n is too small for it)."""
+    best = (1, 1 - 2 * 0.5 ** n) if n else (1, 0.0)
+    for k in range(1, n // 2 + 1):
+        tail = sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(fewer than k below the median)
+        coverage = 1 - 2 * tail
+        if coverage < confidence:
+            break
+        best = (k, coverage)
+    return best
+
+
+def ratio(numerator: Timing, denominator: Timing, confidence: float = CONFIDENCE) -> Ratio:
+    """``numerator`` over ``denominator`` (two timings of the same interleaved run) with its
+    confidence interval; a timing without samples gives the ratio of medians, interval of zero
+    width.
+
+    >>> a = Timing.from_samples([2.0, 2.1, 1.9, 2.0, 2.05, 1.95, 2.0, 2.0, 2.0], 1)
+    >>> b = Timing.from_samples([1.0] * 9, 1)
+    >>> r = ratio(a, b)
+    >>> (r.value, r.low, r.high, round(r.confidence, 3), r.trusted)
+    (2.0, 1.95, 2.05, 0.961, True)
+    """
+    pairs = sorted(x / y for x, y in zip(numerator.samples, denominator.samples) if y > 0)
+    if not pairs:
+        value = numerator.ms / denominator.ms
+        return Ratio(value, value, value, 0.0, 0)
+    k, coverage = _order_interval(len(pairs), confidence)
+    return Ratio(statistics.median(pairs), pairs[k - 1], pairs[-k], coverage, len(pairs))
+
+
+def merged(first: Timing, second: Timing) -> Timing:
+    """One timing from two passes of the same interleaved comparison (their samples joined)."""
+    return Timing.from_samples(first.samples + second.samples, first.calls)
+
+
+def noise_note(timings: Mapping[str, Timing], baseline: str) -> str | None:
+    """A sentence naming the noise when a comparison of ``timings`` against ``baseline`` cannot
+    be trusted (a ratio's interval wider than :data:`NOISY_WIDTH`), else None."""
+    ratios = {name: ratio(t, timings[baseline]) for name, t in timings.items() if name != baseline}
+    noisy = {name: r for name, r in ratios.items() if not r.trusted}
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda n: noisy[n].width)
+    r = noisy[worst]
+    spreads = ", ".join(f"{name} {100 * t.relative_spread:.0f} %" for name, t in
+                        sorted(timings.items(), key=lambda kv: -kv[1].relative_spread)[:3])
+    return (f"timing too noisy to trust {len(noisy)} of {len(ratios)} comparison(s) with {baseline!r}: {worst!r} over "
+            f"{baseline!r} is {r.value:.3f} with a {100 * r.confidence:.0f} % interval {r.low:.3f}-{r.high:.3f} "
+            f"(+-{50 * r.width:.0f} %, over {r.pairs} paired samples); samples spread (IQR / median) {spreads}. The "
+            "machine's speed moved while timing (other work running?): time again on a quieter machine or with more "
+            "rounds")
 
 
 def device_name(device: torch.device) -> str:
@@ -166,3 +269,28 @@ class Progress:
         else:
             return
         sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- machine state
+
+DRIFT_LIMIT = 1.15  # units re-timed at more than 15 % off their table times: the machine changed
+
+
+def drift_note(table_ms: Mapping[str, float], again_ms: Mapping[str, float], what: str = "units") -> str | None:
+    """Compare ``what`` timed twice (``table_ms`` when the table measured them, ``again_ms``
+    re-timed later): a sentence naming the drift when their median ratio is off by more than
+    :data:`DRIFT_LIMIT` either way, else None.
+
+    >>> drift_note({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.3, "b": 2.7, "c": 3.6})
+    'the machine changed speed while the table was measured: 3 units re-timed after the end-to-end references ran at 1.30x their table times (1.20x-1.35x), so the references and the units describe different machine states and predictions will be off by about that much. Measure the table again on a quieter machine (LatencyTable.measure, fxmerge table --fresh)'
+    """
+    ratios = sorted(again_ms[k] / table_ms[k] for k in again_ms if table_ms.get(k, 0) > 0)
+    if not ratios:
+        return None
+    m = statistics.median(ratios)
+    if 1 / DRIFT_LIMIT <= m <= DRIFT_LIMIT:
+        return None
+    return (f"the machine changed speed while the table was measured: {len(ratios)} {what} re-timed after the "
+            f"end-to-end references ran at {m:.2f}x their table times ({ratios[0]:.2f}x-{ratios[-1]:.2f}x), so the "
+            "references and the units describe different machine states and predictions will be off by about that "
+            "much. Measure the table again on a quieter machine (LatencyTable.measure, fxmerge table --fresh)")

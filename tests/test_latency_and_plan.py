@@ -258,8 +258,10 @@ def test_cli_entry_point_runs_as_module(tmp_path):
 
 def test_measure_latency_times_a_whole_model():
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxmerge.timing.TimingNoiseWarning)  # a busy machine may say so
         result = fxmerge.measure_latency(tiny_mbv2(), (X,), rounds=1, repeats=2, min_repeat_ms=1, warmup_ms=0)
-    assert result.ms > 0 and result.repeats == 2
+    # 2 samples, or 4 where the first two spread too wide and it timed once more (tests/test_timing_noise.py)
+    assert result.ms > 0 and result.repeats in (2, 4) and len(result.samples) == result.repeats
 
 
 def test_onnxruntime_backend_table():
