@@ -101,7 +101,8 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
          example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
          measure_missing: bool = False, analysis: Analysis | None = None, backend: str | None = None,
          verify: bool = False, verify_rounds: int = 3, prune_layers: bool = False,
-         save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None) -> Plan:
+         save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None,
+         modules: Sequence[str] | None = None) -> Plan:
     """Choose which activations to keep and where to merge, exactly, under a latency budget.
 
     ``budget`` is a fraction of the BatchNorm-folded original's latency *as measured* on the
@@ -130,6 +131,9 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     (``LatencyTable.measure(..., prune_layers=True)``); importance scores them as
     ``(chain, i, j, pruned layers)`` (without it, each pruned conv counts -1).
 
+    ``modules=["backbone", ...]`` plans only those submodules (one DP over all of them, as
+    :func:`fxmerge.analyze` with ``modules``); the table is measured the same way.
+
     The plan records the predicted latencies (``plan.report``, ``plan.info`` in JSON; with
     ``verify``, every round's prediction and measurement) and prints as a report.
     """
@@ -137,7 +141,8 @@ def plan(model: nn.Module, latency_table: LatencyTable, *, budget: float | None 
     check_count("verify_rounds", verify_rounds, hint="plan-measure-correct rounds, e.g. 3")
     check_flag("verify", verify)
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 measure_missing, analysis, backend, trace, prune_layers, save_to)
+                                                 measure_missing, analysis, backend, trace, prune_layers, save_to,
+                                                 modules)
     if budget is None and budget_ms is None:
         chosen = planner.keep_all()
         if verify:
@@ -168,7 +173,8 @@ def frontier(model: nn.Module, latency_table: LatencyTable,
              example_inputs: Sequence[torch.Tensor] | None = None, resolution: float | None = None,
              max_budget: float | None = None, points: int | None = None, verify: bool = False,
              analysis: Analysis | None = None, backend: str | None = None, prune_layers: bool = False,
-             save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None) -> list[Plan]:
+             save_to: str | os.PathLike | None = None, trace: TraceOptions | None = None,
+             modules: Sequence[str] | None = None) -> list[Plan]:
     """The Pareto set of plans — for every latency, the most important plan that fits —
     fastest first, from one DP solve. Each plan's report holds its predicted latency (and
     ``budget_ratio``: predicted over the original). ``max_budget`` (a fraction of the
@@ -177,7 +183,7 @@ def frontier(model: nn.Module, latency_table: LatencyTable,
     interleaved with the folded original on the table's backend (``measured_ms``,
     ``measured_ratio``) and keeps them as observations (written to ``save_to`` when given); it
     needs ``points`` (each point is a model to build and, on compiled backends, to compile).
-    ``prune_layers`` as in :func:`plan`.
+    ``prune_layers`` and ``modules`` as in :func:`plan`.
     """
     if max_budget is not None:
         max_budget = check_budget("max_budget", max_budget, "a fraction of the original's latency, e.g. 1.0")
@@ -186,7 +192,7 @@ def frontier(model: nn.Module, latency_table: LatencyTable,
     if verify and points is None:
         raise InvalidArgumentError("frontier(verify=True) measures every returned plan: give points=N (e.g. 6)")
     planner, analysis, example_inputs = _planner(model, latency_table, importance, example_inputs, resolution,
-                                                 False, analysis, backend, trace, prune_layers, save_to)
+                                                 False, analysis, backend, trace, prune_layers, save_to, modules)
     plans = planner.frontier(None if max_budget is None else max_budget * planner.original_ms)
     if points is not None and len(plans) > points:
         plans = _spread(plans, points)
@@ -226,7 +232,8 @@ def _warn_if_options_unscored(analysis: Analysis, importance: Mapping) -> None:
 
 def _planner(model: nn.Module, table: Any, importance: Any, example_inputs: Any, resolution: Any,
              measure_missing: bool, analysis: Analysis | None, backend: str | None, trace: TraceOptions | None,
-             prune_layers: bool, save_to: Any) -> tuple[Planner, Analysis, tuple]:
+             prune_layers: bool, save_to: Any, modules: Sequence[str] | None = None
+             ) -> tuple[Planner, Analysis, tuple]:
     """Arguments checked, the model analysed, the table completed if asked, importance
     extended: the planner for this call."""
     scores = check_importance_scores(importance.scores if isinstance(importance, ImportanceTable) else importance) \
@@ -245,7 +252,11 @@ def _planner(model: nn.Module, table: Any, importance: Any, example_inputs: Any,
         _example_inputs(table, model)
     table.check_environment(example_inputs, backend=backend)
     if analysis is None:
-        analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, trace=trace)
+        analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, trace=trace,
+                           modules=modules)
+    elif modules is not None and list(modules) != analysis.modules:
+        covered = analysis.modules or "the whole model"
+        raise InvalidArgumentError(f"modules={list(modules)} but the analysis passed covers {covered}: pass one of them")
     elif prune_layers:
         analysis = with_prune_options(analysis)
     if measure_missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import os
 
 import pytest
@@ -327,15 +328,26 @@ class _RawHead(nn.Module):
 
 @pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml"])
 def test_ultralytics_detection(cfg):
+    """Through the front door with no extra arguments (fx fails on the layer loop, export
+    captures it): every conv a layer, the bottlenecks' residual adds fused by drop-all, exact,
+    and the merged model exports again."""
     model, x = _yolo(cfg)
     gm = capture(model, (x,))
-    analysis = fxmerge.analyze(gm, (x,))
+    analysis = fxmerge.analyze(model, (x,))
+    assert analysis.capture == "export" and _structure(analysis) == _structure(fxmerge.analyze(gm, (x,)))
     assert analysis.num_layers == sum(isinstance(m, nn.Conv2d) for m in model.modules()) and not analysis.unmergeable
+    assert any(layer.junction for c in analysis.chains for layer in c.layers)  # x + act(bn(conv(...)))
     plan = fxmerge.Plan.drop_all(analysis)
-    merged, linear = fxmerge.merge(gm, plan), fxmerge.linearize(gm, plan)
+    merged, linear = fxmerge.merge(model, plan), fxmerge.linearize(model, plan)
+
+    def adds(module):
+        return sum(n.target in (operator.add, torch.add) for n in module.graph.nodes)
+    assert adds(merged) < adds(gm)  # residual adds fused into merged kernels
+    exported = torch.export.export(merged, (x,))
+    assert_same(exported.module(), merged, (x,), F64, f"{cfg}: the merged model exported again")
     assert_same(_RawHead(merged), _RawHead(linear), (x,), F64, f"{cfg}: drop-all merge vs linearize")
     assert_same(merged, linear, (x,), F64, f"{cfg}: drop-all merge vs linearize, per kept activation",
                 kept_activations(plan))
     assert count_convs(merged) < count_convs(gm)
-    keep_all = fxmerge.merge(gm, fxmerge.Plan.keep_all(analysis))
+    keep_all = fxmerge.merge(model, fxmerge.Plan.keep_all(analysis))
     assert_same(_RawHead(keep_all), _RawHead(model), (x,), F64, f"{cfg}: keep-all vs the original model")
