@@ -15,6 +15,7 @@ import torchvision
 import fxmerge
 from conftest import assert_same, count_convs, finetune_like, randomize
 from fxmerge.passes.rewrite import merged_plan_record
+from synthetic import merging_pays_table
 
 F64 = torch.float64
 
@@ -63,7 +64,7 @@ def test_parts_are_planned_together_and_put_back_exactly():
         plan = getattr(fxmerge.Plan, kind)(analysis)
         assert_same(fxmerge.merge(model, plan), model, (x,), F64, f"parts: merge({kind}) vs the original")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
-    assert merged_plan_record(merged)["modules"] == ["stem", "body"]
+    assert fxmerge.plan_of(merged).modules == ["stem", "body"] == merged_plan_record(merged)["modules"]
     assert fxmerge.Plan.from_dict(drop.to_dict()).modules == ["stem", "body"]
 
 
@@ -167,4 +168,20 @@ def test_a_pickled_or_saved_compressed_model_keeps_its_plan():
     for copy_ in (pickle.loads(pickle.dumps(merged)), torch.load(buffer, weights_only=False)):
         assert copy_.meta.get("fxmerge") is None  # what torch keeps: nothing of meta ...
         assert merged_plan_record(copy_) == plan.to_dict()  # ... and the plan all the same
+        assert fxmerge.plan_of(copy_).fingerprint() == plan.fingerprint()
         assert_same(copy_, merged, (x,), F64, "pickled merged model")
+
+
+def test_compress_with_modules_plans_the_parts_under_one_budget():
+    """compress(..., modules=[...]) on a model that cannot be captured whole, with a table
+    measured on the parts' analysis (synthetic timings: the plan, not the machine, is tested)."""
+    model, x = _net()
+    analysis = fxmerge.analyze(model, (x,), modules=["stem", "body"])
+    table = merging_pays_table(analysis, (x,))
+    compressed = fxmerge.compress(model, table, budget=0.8, example_inputs=(x,), modules=["stem", "body"])
+    plan = fxmerge.plan_of(compressed)
+    assert type(compressed) is Net and plan.modules == ["stem", "body"]
+    assert plan.report.predicted_planned_ms <= 0.8 * plan.report.original_ms
+    assert_same(compressed, fxmerge.linearize(model, plan), (x,), F64, "compress(modules) vs its linearized twin")
+    with pytest.raises(fxmerge.InvalidArgumentError, match="the analysis passed covers"):
+        fxmerge.plan(model, table, budget=0.8, example_inputs=(x,), analysis=analysis, modules=["stem"])
