@@ -2,7 +2,8 @@
 
 Everything here works on plain tensors and integers, for 1-, 2- and 3-d convolutions:
 
-* :class:`ConvGeometry` and :func:`merged_geometry` — shape arithmetic of a merged run;
+* :class:`ConvGeometry` — the shape-defining parameters of a convolution (a merged run's
+  own geometry is grown layer by layer in :mod:`fxmerge.geometry`);
 * :func:`padding_enlargement` / :func:`skip_offsets` — where padding goes once it is moved to
   the front of a run, and where identity skips land in the merged kernel;
 * :class:`ConvState` with :func:`fold_batchnorm`, :func:`compose`, :func:`add_shifted` and
@@ -111,15 +112,6 @@ def unflat_pad(pad: Sequence[int], ndim: int) -> Pads:
     return tuple(pairs)
 
 
-def _strides_before(layers: Sequence[ConvGeometry], dim: int) -> list[int]:
-    """σ_l for each layer: the product of the strides of the layers before it."""
-    sigma, out = 1, []
-    for g in layers:
-        out.append(sigma)
-        sigma *= g.stride[dim]
-    return out
-
-
 def padding_enlargement(layers: Sequence[ConvGeometry]) -> list[Pads]:
     """E_p for p = 0..n: how much larger than in the original run the map after layer p is once
     all padding sits in front of layer 1 (E_0 is the front padding itself, E_n is zero)."""
@@ -152,32 +144,6 @@ def skip_offsets(layers: Sequence[ConvGeometry], skips: Sequence[tuple[int, int]
             offset.append(sigma * (enl[s][d][0] - enl[t][d][0]))
         out[t] = (s, tuple(offset))
     return out
-
-
-def merged_geometry(layers: Sequence[ConvGeometry], skips: Sequence[tuple[int, int]] = ()) -> ConvGeometry:
-    """Geometry of the single convolution equal to ``layers`` with padding moved to the front
-    and the identity ``skips`` (positions relative to the run) fused in."""
-    first, ndim = layers[0], layers[0].ndim
-    kernel, stride, dilation = [], [], []
-    offsets = skip_offsets(layers, skips)
-    for d in range(ndim):
-        sig = _strides_before(layers, d)
-        extent = sum(g.dilation[d] * (g.kernel[d] - 1) * s for g, s in zip(layers, sig))
-        grid = 0
-        for g, s in zip(layers, sig):
-            if g.kernel[d] > 1:
-                grid = math.gcd(grid, g.dilation[d] * s)
-        for _, off in offsets.values():
-            grid = math.gcd(grid, off[d])
-        grid = grid or 1
-        kernel.append(extent // grid + 1)
-        dilation.append(grid)
-        stride.append(sig[-1] * layers[-1].stride[d])
-    groups = 0
-    for g in layers:
-        groups = math.gcd(groups, g.groups)
-    return ConvGeometry(first.in_channels, layers[-1].out_channels, tuple(kernel), tuple(stride),
-                        padding_enlargement(layers)[0], tuple(dilation), groups)
 
 
 # --------------------------------------------------------------------------- merged weights

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxmerge
-from fxmerge.algebra import ConvGeometry, merged_geometry
+from fxmerge.algebra import ConvGeometry
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
 
@@ -240,7 +241,124 @@ def segment_spec(chain, cp: fxmerge.plans.ChainPlan, a: int, b: int):
         return chain.specs[(a, b)]
     geoms = [ConvGeometry.identity(l.geometry.in_channels, l.geometry.ndim) if p in cp.pruned else l.geometry
              for p, l in enumerate(chain.layers[a:b], start=a + 1)]
-    return merged_geometry(geoms, [(s.source - a, s.target - a) for s in chain.skips if a <= s.source and s.target <= b])
+    return probe_geometry(geoms, [(s.source - a, s.target - a) for s in chain.skips if a <= s.source and s.target <= b])
+
+
+# --------------------------------------------------------------------------- geometry oracle
+
+
+def probe_geometry(layers: list[ConvGeometry], skips: list[tuple[int, int]] = ()) -> ConvGeometry:
+    """The geometry of the one convolution equal to the run ``layers`` (padding moved to its
+    front) with identity residuals ``skips`` ((s, t): the map after layer t gets the map after
+    layer s added), found by running the layers, not by a formula: convolutions with positive
+    weights on positive inputs (so no term cancels and every structural dependency shows).
+
+    Spatially, a one-channel copy of the run: the input pixels one output pixel depends on
+    give the taps (kernel and dilation: their extent and the gcd of their offsets), the shift
+    between two neighbouring outputs' taps the stride, where the taps start the front padding,
+    and the output sizes over ``stride`` consecutive input sizes the total padding. Channels:
+    the run as 1x1 convolutions with the layers' groups, on one one-hot input per input channel;
+    the groups are the most blocks the output-to-input dependencies fit in."""
+    kernel, stride, dilation, padding = _probe_spatial(layers, skips)
+    return ConvGeometry(layers[0].in_channels, layers[-1].out_channels, kernel, stride, padding, dilation,
+                        _probe_groups(layers, skips))
+
+
+def _run_layers(layers, skips, x, weights, kernels: bool = True):
+    conv = (F.conv1d, F.conv2d, F.conv3d)[layers[0].ndim - 1]
+    maps = [x]
+    for p, (g, w) in enumerate(zip(layers, weights), start=1):
+        if kernels:
+            pad = [v for lo, hi in reversed(g.padding) for v in (lo, hi)]  # F.pad: last dimension first
+            h = conv(F.pad(maps[-1], pad), w, stride=g.stride, dilation=g.dilation)
+        else:
+            h = F.conv1d(maps[-1], w, groups=g.groups)
+        for s, t in skips:
+            if t == p:
+                h = h + maps[s]
+        maps.append(h)
+    return maps[-1]
+
+
+def _full_pixels(layers, skips, weights, size: int):
+    """The output pixels whose inputs all lie inside an input of ``size`` (none reads padding),
+    as one index range per dimension; None when there are fewer than two along a dimension.
+    With positive weights on an all-ones input, a pixel's value is the sum over all its paths,
+    so exactly those pixels reach the value of an unbounded input (here: a twice larger one)."""
+    ones = [torch.ones((1, 1) + (n,) * layers[0].ndim, dtype=torch.float64) for n in (size, 2 * size)]
+    try:  # an input too small for the run raises
+        with torch.no_grad():
+            y, y_large = (_run_layers(layers, skips, x, weights)[0, 0] for x in ones)
+    except RuntimeError:
+        return None
+    if not y.numel() or not math.isclose(float(y.max()), float(y_large.max()), rel_tol=1e-9):
+        return None
+    full = (y >= float(y_large.max()) * (1 - 1e-9)).nonzero()
+    ranges = [(int(full[:, d].min()), int(full[:, d].max())) for d in range(layers[0].ndim)]
+    return ranges if all(hi > lo for lo, hi in ranges) else None
+
+
+def _taps(layers, skips, weights, size: int, at: tuple[int, ...]) -> list[list[int]]:
+    """Per dimension, the sorted input positions the output pixel ``at`` depends on."""
+    x = torch.ones((1, 1) + (size,) * layers[0].ndim, dtype=torch.float64, requires_grad=True)
+    _run_layers(layers, skips, x, weights)[(0, 0) + at].backward()
+    nz = x.grad[0, 0].nonzero()
+    return [sorted(set(nz[:, d].tolist())) for d in range(layers[0].ndim)]
+
+
+def _probe_spatial(layers, skips):
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.rand((1, 1) + l.kernel, generator=g, dtype=torch.float64) + 0.5 for l in layers]
+    ndim, size = layers[0].ndim, 8
+    while (full := _full_pixels(layers, skips, weights, size)) is None:
+        assert size < 4096, "the run's receptive field did not fit in 4096 pixels"
+        size *= 2
+    at = tuple(lo for lo, _ in full)
+    here, there = _taps(layers, skips, weights, size, at), _taps(layers, skips, weights, size, tuple(j + 1 for j in at))
+    kernel, stride, dilation, padding = [], [], [], []
+    for d in range(ndim):
+        taps, first = here[d], here[d][0]
+        grid = math.gcd(*(t - first for t in taps)) or 1
+        extent, step = taps[-1] - first, there[d][0] - first
+        front = at[d] * step - first
+        total = _total_padding(layers, skips, weights, size, d, extent, step)
+        kernel.append(extent // grid + 1)
+        dilation.append(grid)
+        stride.append(step)
+        padding.append((front, total - front))
+    return tuple(kernel), tuple(stride), tuple(dilation), tuple(padding)
+
+
+def _total_padding(layers, skips, weights, size: int, d: int, extent: int, step: int) -> int:
+    """Front + back padding along d: the one value P for which floor((n + P - extent - 1) / step) + 1
+    (a convolution's output size, ``extent`` = dilation * (kernel - 1)) is the run's output size
+    at ``step`` consecutive input sizes n."""
+    candidates = None
+    for n in range(size, size + step):
+        shape = [size] * layers[0].ndim
+        shape[d] = n
+        with torch.no_grad():
+            m = _run_layers(layers, skips, torch.ones([1, 1] + shape, dtype=torch.float64), weights).shape[2 + d]
+        low = step * (m - 1) - n + extent + 1
+        here = set(range(low, low + step))
+        candidates = here if candidates is None else candidates & here
+    (total,) = candidates
+    return total
+
+
+def _probe_groups(layers, skips) -> int:
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.rand((l.out_channels, l.in_channels // l.groups, 1), generator=g) + 0.5 for l in layers]
+    c_in, c_out = layers[0].in_channels, layers[-1].out_channels
+    with torch.no_grad():
+        y = _run_layers(layers, skips, torch.eye(c_in)[:, :, None], weights, kernels=False)
+    depends = y[:, :, 0].T > 0  # (output channel, input channel)
+    for groups in range(math.gcd(c_in, c_out), 0, -1):
+        if c_in % groups == 0 and c_out % groups == 0:
+            blocks = depends.reshape(groups, c_out // groups, groups, c_in // groups).any(3).any(1)
+            if not (blocks & ~torch.eye(groups, dtype=torch.bool)).any():  # no output block reads another's input
+                return groups
+    raise AssertionError("unreachable: one group always fits")
 
 
 def _assert_specs_match(analysis: fxmerge.Analysis, plan: fxmerge.Plan, merged: fx.GraphModule) -> None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 import fxmerge
-from conftest import assert_same, kept_activations, randomize, segment_spec
+from conftest import assert_same, kept_activations, probe_geometry, randomize, segment_spec
 from fxmerge.cost import CostModel
 from fxmerge.importance import ImportanceTable, candidate_pairs
 from fxmerge.passes import dp
@@ -117,7 +117,7 @@ def test_options_keep_the_largest_norm_subset_per_distinct_spec():
 
 
 def test_option_specs_are_the_merged_geometry_of_the_kept_layers():
-    from fxmerge.algebra import ConvGeometry, merged_geometry
+    from fxmerge.algebra import ConvGeometry
 
     analysis = fxmerge.analyze(torchvision.models.mobilenet_v2().eval(), (torch.randn(1, 3, 64, 64),),
                                prune_layers=True)
@@ -132,7 +132,7 @@ def test_option_specs_are_the_merged_geometry_of_the_kept_layers():
             if not kept:  # the identity: no conv at all
                 assert o.spec is None
                 continue
-            assert o.spec == merged_geometry(geoms, skips)
+            assert o.spec == probe_geometry(geoms, skips)
             assert o.spec.is_depthwise == all(chain.layers[p - 1].geometry.is_depthwise for p in kept)
             count += 1
     assert count > 100
@@ -435,7 +435,8 @@ def test_cli_plans_with_pruning(tmp_path, capsys):
 
 
 def test_segment_spec_helper_agrees_with_the_pass(mbv2):
-    """conftest's independent spec (algebra.merged_geometry) is the pass' own (geometry.MergedRun)."""
+    """conftest's independent spec (probe_geometry: the kept layers run as convolutions) is the
+    pass' own (geometry.MergedRun)."""
     _, _, analysis, _ = mbv2
     chain = analysis.chains[0]
     plan = fxmerge.Plan.from_positions(analysis, {0: ([], None)}, lossy=True, pruned={0: chain.prunable[::2]})
