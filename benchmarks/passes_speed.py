@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def timed(fn: Callable):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+def cpu_timed(fn: Callable):
+    """Wall and CPU seconds (all threads of this process): on a loaded machine the CPU time
+    moves far less than the wall time, so before/after comparisons read both."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def build(name: str) -> nn.Module:
@@ -118,11 +127,12 @@ def _passes_job(job: str, model: nn.Module, x: torch.Tensor, base: float) -> dic
 
     with torch.no_grad():
         model(torch.randn(1, 3, WARMUP_SIZE, WARMUP_SIZE))
-    analysis, t_analyze = timed(lambda: fxmerge.analyze(model, (x,)))
+    analysis, t_analyze, cpu_analyze = cpu_timed(lambda: fxmerge.analyze(model, (x,)))
     plan = getattr(fxmerge.Plan, job)(analysis)
-    _, t_merge = timed(lambda: fxmerge.merge(model, plan))
+    _, t_merge, cpu_merge = cpu_timed(lambda: fxmerge.merge(model, plan))
     return {
-        "analyze_s": t_analyze, "merge_s": t_merge, "peak_mb": peak_mb() - base,
+        "analyze_s": t_analyze, "merge_s": t_merge, "analyze_cpu_s": cpu_analyze, "merge_cpu_s": cpu_merge,
+        "peak_mb": peak_mb() - base, "load": os.getloadavg()[0],
         "convs": analysis.num_layers, "convs_after": plan.num_convs,
         "folded": sum(1 for c in analysis.chains for layer in c.layers if layer.bn),
         "batchnorms": batchnorms(model),
