@@ -22,10 +22,11 @@ from typing import Any, Iterable, Mapping
 
 from fxmerge.arguments import check_torch_dtype, is_int
 from fxmerge.errors import InvalidPlanError, MalformedFileError, PlanMismatchError
+from fxmerge.geometry import conv_macs
 from fxmerge.passes.dp import optimal_merge_times
 from fxmerge.records import Analysis, Chain, LayerNodes, droppable_positions, residual_conflict, span_name
 from fxmerge.report import PlanReport
-from fxmerge.serialization import check_header, read_json, write_json
+from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 
 FORMAT, VERSION = "fxmerge.plan", 2
 RETIRED = {1: "a version-1 plan, which predates structure records (plans are now checked against the model's "
@@ -205,7 +206,7 @@ def _structure(chain: Chain) -> dict:
     )
 
 
-def cheapest_cover(chain: Chain, fixed: Iterable[int], times: dict[tuple[int, int], float] | None = None) -> tuple[int, ...]:
+def cheapest_cover(chain: Chain, fixed: Iterable[int], times: Mapping[tuple[int, int], float] | None = None) -> tuple[int, ...]:
     """Boundaries ⊇ ``fixed`` that cover each run between them with valid blocks at the least
     summed ``times`` (default: every block counts 1, so the fewest blocks)."""
     cuts = sorted({0, chain.length, *fixed})
@@ -214,6 +215,43 @@ def cheapest_cover(chain: Chain, fixed: Iterable[int], times: dict[tuple[int, in
     for a, b in zip(cuts[:-1], cuts[1:]):
         out.update(breaks[(a, b)])
     return tuple(sorted(out - {0, chain.length}))
+
+
+def block_macs(chain: Chain, i: int, j: int) -> int | None:
+    """Multiply-adds of block (i, j] merged into one conv (0 for a block that runs no conv,
+    None where the analysis has no output shape)."""
+    spec, shape = chain.specs.get((i, j)), chain.layers[j - 1].output_shape
+    if spec is None:
+        return 0 if (i, j) in chain.specs else None
+    return None if shape is None else conv_macs(spec, shape)
+
+
+def default_cover(chain: Chain, fixed: Iterable[int], lossy: bool) -> tuple[int, ...]:
+    """Boundaries ⊇ ``fixed`` when a plan gives none: each run between them merged with the
+    fewest valid blocks (the most merging), except, unless ``lossy``, a run that drops no
+    activation: merging it is a pure rewrite of the original, so it takes the cover of fewest
+    multiply-adds (:func:`fewest_macs`) and never computes more than the layers it replaces."""
+    cuts = sorted({0, chain.length, *fixed})
+    runs = list(zip(cuts[:-1], cuts[1:]))
+    weights = None if lossy else fewest_macs(chain)
+    pure = [(a, b) for a, b in runs if not any(a < p < b for p in chain.droppable)]
+    out = set(cheapest_cover(chain, fixed))
+    if weights is not None and pure:
+        by_macs = set(cheapest_cover(chain, fixed, weights))
+        for a, b in pure:
+            out = {p for p in out if not a < p < b} | {p for p in by_macs if a < p < b}
+    return tuple(sorted(out))
+
+
+def fewest_macs(chain: Chain) -> dict[tuple[int, int], int] | None:
+    """Block weights whose cheapest cover (:func:`cheapest_cover`) has the fewest multiply-adds
+    and, among those, the fewest convs (a merge that costs no more is taken); None when a
+    block's MACs are unknown (no shapes)."""
+    macs = {b: block_macs(chain, *b) for b in chain.valid_blocks}
+    if any(m is None for m in macs.values()):
+        return None
+    per_conv = chain.length + 1  # a cover has at most L blocks: one MAC outweighs every block count
+    return {b: m * per_conv + 1 for b, m in macs.items()}
 
 
 @dataclass
@@ -244,8 +282,11 @@ class Plan:
 
     @classmethod
     def keep_all(cls, analysis: Analysis) -> "Plan":
-        """Keep every activation; merge every activation-free run as far as merging stays exact
-        (never across a border position): the result equals the original model."""
+        """Keep every activation; merge each activation-free run where merging stays exact
+        (never across a border position) and costs no more multiply-adds: each run is covered
+        by the valid blocks with the fewest MACs, then the fewest convs. The result equals the
+        original model and never computes more than it (a depthwise conv and the pointwise
+        conv after it stay two convs: merged, they are one dense conv of ~k² times the work)."""
         return cls.from_positions(analysis, {c.index: (c.droppable, None) for c in analysis.chains})
 
     @classmethod
@@ -264,8 +305,10 @@ class Plan:
     def from_positions(cls, analysis: Analysis, choice: Mapping[int, tuple[Iterable[int], Iterable[int] | None]], *,
                        lossy: bool = False, pruned: Mapping[int, Iterable[int]] | None = None) -> "Plan":
         """``choice[chain index] = (kept positions, boundaries or None)``; None merges each run
-        between kept activations and forced breaks with the fewest valid blocks — and, unless
-        ``lossy``, never across a border position. Chains not in ``choice`` keep all activations.
+        between kept activations and forced breaks with the fewest valid blocks (unless
+        ``lossy``, never across a border position), except, unless ``lossy``, a run that drops
+        no activation: it takes the cover of fewest multiply-adds (:meth:`keep_all`,
+        :func:`default_cover`). Chains not in ``choice`` keep all activations.
         ``pruned[chain index]`` lists layers (numbered 1..L) to replace by the identity."""
         chains = []
         pruned = pruned or {}
@@ -273,7 +316,10 @@ class Plan:
             keep, bounds = choice.get(chain.index, (chain.droppable, None))
             keep = tuple(sorted(set(keep)))
             fixed = set(keep) | set(chain.breaks) | (set() if lossy else set(chain.borders))
-            bounds = cheapest_cover(chain, fixed) if bounds is None else tuple(sorted(set(bounds) | set(keep) | set(chain.breaks)))
+            if bounds is None:
+                bounds = default_cover(chain, fixed, lossy)
+            else:
+                bounds = tuple(sorted(set(bounds) | set(keep) | set(chain.breaks)))
             cp = ChainPlan(**_structure(chain), keep=keep, boundaries=bounds,
                            pruned=tuple(sorted(set(pruned.get(chain.index, ())))))
             check_chain_rules(cp, chain.index)
@@ -286,7 +332,8 @@ class Plan:
                   lossy: bool = False, prune: Iterable[str] = ()) -> "Plan":
         """A plan from explicit node names: ``keep`` the activation nodes to keep (every other
         droppable one is dropped); ``merge_after`` the conv nodes after which a merged conv
-        must end (None: merge as far as valid, across border positions only if ``lossy``);
+        must end (None: merge as far as valid, across border positions only if ``lossy``; a run
+        that drops no activation only where it costs no more MACs, see :meth:`from_positions`);
         ``prune`` the conv nodes to replace, with their BatchNorm, by the identity (LayerMerge;
         only convs that keep every shape). Raises :class:`InvalidPlanError` on names that are
         not droppable activations / layers / prunable convs, or on boundaries that break a
@@ -422,6 +469,8 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> None:
+        """Write the plan as JSON to ``path`` (atomically; its folder must exist)."""
+        check_output_folder(path)
         write_json(path, self.to_dict(), indent=1)
 
     @classmethod
