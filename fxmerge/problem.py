@@ -126,11 +126,7 @@ def select_plan(analysis: Analysis, problem: Problem, budget_ms: float, rest_ms:
                         candidates=problem.candidates, position_costs=problem.position_costs, resolution=resolution,
                         options=problem.options)
     except dp.InfeasibleBudget as exc:
-        smallest = exc.smallest + rest_ms
-        raise InfeasibleBudgetError(
-            f"no plan fits {exc.budget + rest_ms:.4g} ms; the smallest feasible budget is {smallest:.4g} ms "
-            f"(predicted end-to-end). Raise the budget.{_hint(analysis, problem, smallest, rest_ms)}",
-            smallest) from None
+        raise _infeasible(analysis, problem, exc, rest_ms, resolution) from None
     except dp.InvalidInput as exc:  # what the argument checks before did not already refuse
         raise InvalidArgumentError(str(exc)) from None
     return plan_from_selection(analysis, problem, sel), sel.importance
@@ -156,12 +152,45 @@ def plan_from_selection(analysis: Analysis, problem: Problem, sel: dp.Selection)
     return Plan.from_positions(analysis, choice, pruned=pruned)
 
 
+def _infeasible(analysis: Analysis, problem: Problem, exc: dp.InfeasibleBudget, rest_ms: float,
+                resolution: float | None) -> InfeasibleBudgetError:
+    """The error for a budget no plan fits, naming its cause: a ``resolution`` so coarse that
+    rounding each segment's cost up to it is what makes the budget infeasible, or a table in
+    which merging barely pays (for this model at its input shape)."""
+    budget, smallest = exc.budget + rest_ms, exc.smallest + rest_ms
+    fine = None if resolution is None else _smallest_on_default_grid(problem, exc.budget)
+    if fine is not None and (fine is True or fine + rest_ms < 0.99 * smallest):
+        there = ("fits this budget" if fine is True else
+                 f"makes the smallest feasible budget {fine + rest_ms:.4g} ms")
+        return InfeasibleBudgetError(
+            f"no plan fits {budget:.4g} ms at resolution={resolution:g} ms: the DP rounds each segment's cost up to "
+            f"a multiple of the resolution, so there the smallest feasible budget is {smallest:.4g} ms, while the "
+            f"default grid (resolution=None: budget / 1000) {there}. Pass a finer resolution (e.g. "
+            f"{budget / 1000:.2g}) or resolution=None.", smallest if fine is True else fine + rest_ms)
+    return InfeasibleBudgetError(
+        f"no plan fits {budget:.4g} ms; the smallest feasible budget is {smallest:.4g} ms (predicted end-to-end). "
+        f"Raise the budget.{_hint(analysis, problem, smallest, rest_ms)}", smallest)
+
+
+def _smallest_on_default_grid(problem: Problem, budget: float) -> float | bool:
+    """The smallest feasible budget (without the rest) on the DP's default grid, or True when
+    ``budget`` fits there."""
+    try:
+        dp.select(problem.times, problem.importance, problem.length, budget, candidates=problem.candidates,
+                  position_costs=problem.position_costs, options=problem.options)
+    except dp.InfeasibleBudget as exc:
+        return exc.smallest
+    return True
+
+
 def _hint(analysis: Analysis, problem: Problem, smallest: float, rest: float) -> str:
     original = rest + sum(problem.times[(problem.offsets[c.index] + p - 1, problem.offsets[c.index] + p)]
                           for c in analysis.chains for p in range(1, c.length + 1))
     if smallest >= 0.95 * original:
-        return (" On this hardware and backend merging barely pays for this model: the table says the merged "
-                "convs cost about what the layers they replace do.")
+        shapes = " and ".join("x".join(map(str, x["shape"])) for x in analysis.inputs) or "its input shape"
+        return (f" On this hardware and backend, for this model at input {shapes}, merging barely pays: the table "
+                "says the merged convs cost about what the layers they replace do (at small inputs per-conv overheads "
+                "can dominate: a table for the input size the model is deployed at may differ).")
     return ""
 
 
