@@ -91,11 +91,21 @@ def _backend(text: str) -> str:
     return check_choice("--backend", text, tuple(BACKENDS))
 
 
+# what `compress -o NAME.SUFFIX` writes, by suffix
+MODEL_FORMATS = {".pt": "an fxmerge artifact (plan JSON + tensors; fxmerge.load_compressed)",
+                 ".pth": "an fxmerge artifact (plan JSON + tensors; fxmerge.load_compressed)",
+                 ".pt2": "a torch.export program (torch.export.load)",
+                 ".onnx": "an ONNX model (torch.onnx.export; needs pip install 'fxmerge[onnx]')"}
+
+
 def _check_output(args: argparse.Namespace) -> None:
-    """``-o`` must be writable where it points before anything is measured."""
+    """``-o`` must be writable where it points, and name a file of a kind the command writes,
+    before anything is measured."""
     output = getattr(args, "output", None)
-    if not output:
+    if output is None:
         return
+    if not output.strip():
+        raise InvalidArgumentError("-o is empty; give a file name, e.g. -o model.pt")
     path = Path(output)
     if path.is_dir():
         raise InvalidArgumentError(f"-o {output} is a folder; give a file name, e.g. {path / 'out'}")
@@ -103,6 +113,27 @@ def _check_output(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"-o {output}: the folder '{path.parent}' does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
         raise InvalidArgumentError(f"-o {output}: the folder '{path.parent}' is not writable")
+    _check_output_kind(args.command, output)
+
+
+def _check_output_kind(command: str, output: str) -> None:
+    suffix = Path(output).suffix.lower()
+    if command == "plan" and suffix in MODEL_FORMATS:
+        raise InvalidArgumentError(f"-o {output}: fxmerge plan writes a plan (JSON), not a model; name it NAME.json, "
+                                   f"or run fxmerge compress -o {output} to save the compressed model")
+    if command != "compress":
+        return
+    if suffix not in MODEL_FORMATS:
+        kinds = "; ".join(f"{s}: {what}" for s, what in MODEL_FORMATS.items())
+        raise InvalidArgumentError(f"-o {output}: the suffix says what compress writes, and "
+                                   f"{suffix or 'no suffix'} is none of {', '.join(MODEL_FORMATS)} ({kinds})")
+    if suffix == ".onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise InvalidArgumentError(f"-o {output}: writing ONNX needs {' and '.join(missing)}: "
+                                       "pip install 'fxmerge[onnx]' (or save NAME.pt / NAME.pt2 instead)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -191,9 +222,13 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     model, inputs, chosen = _make_plan(args)
     compressed = merge(model, chosen)
     print(chosen)
-    if Path(args.output).suffix == ".pt2":
+    suffix = Path(args.output).suffix.lower()
+    if suffix == ".pt2":
         _export(compressed, inputs, args.output)
         print(f"exported program saved to {args.output} (load with torch.export.load(path).module())")
+    elif suffix == ".onnx":
+        _export_onnx(compressed, inputs, args.output)
+        print(f"ONNX model saved to {args.output} (run it with onnxruntime.InferenceSession(path))")
     else:
         save_compressed(compressed, args.output)
         print(f"compressed model saved to {args.output} (load with fxmerge.load_compressed(path, model), "
@@ -210,6 +245,22 @@ def _export(compressed, inputs: tuple, path: str) -> None:
         raise FxMergeError(f"torch.export could not export the compressed model ({type(exc).__name__}: {first}); "
                            "save it with -o NAME.pt instead") from None
     torch.export.save(program, path)
+
+
+def _export_onnx(compressed, inputs: tuple, path: str) -> None:
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(compressed, inputs, dynamo=True, verbose=False)
+    except Exception as exc:  # exporter failures come in many types: say so in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FxMergeError(f"torch.onnx.export could not export the compressed model ({type(exc).__name__}: "
+                           f"{first}); save it with -o NAME.pt or NAME.pt2 instead") from None
+    program.save(path)  # written only once the export succeeded: never a partial file
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -274,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time the plan on the backend; if it misses the budget, correct the cost model and plan "
                             "again (the observations are kept in the table)")
         p.add_argument("-o", "--output", required=name == "compress",
-                       help="where to save the plan (JSON) / the model (.pt: fxmerge artifact; .pt2: torch.export)")
+                       help="where to save the plan (JSON) / the model (.pt: fxmerge artifact; .pt2: torch.export; "
+                                 ".onnx: ONNX)")
         if name == "plan":
             p.add_argument("--frontier", action="store_true",
                            help="print the Pareto frontier of plans (with --verify: measure --points of them)")
@@ -300,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "frontier", False) and args.verify and args.points is None:
         args.points = 8
     try:
+        if getattr(args, "points", None) is not None and not args.frontier:
+            raise InvalidArgumentError("--points chooses how many frontier plans to show: add --frontier, or drop it")
         _check_output(args)
         if getattr(args, "cache_dir", None) is not None:
             from fxmerge.cli.cache import check_locations
