@@ -17,9 +17,12 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +33,7 @@ from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileErro
 from fxmerge.passes.rewrite import RECORD, merge
 from fxmerge.passes.tracing import TraceOptions
 from fxmerge.plans import Plan
-from fxmerge.serialization import check_header
+from fxmerge.serialization import check_header, check_output_folder
 
 FORMAT, VERSION = "fxmerge.artifact", 1
 
@@ -42,8 +45,29 @@ def save_compressed(compressed: fx.GraphModule, path: str | os.PathLike) -> None
     if "plan_json" not in record:
         raise InvalidArgumentError("save needs a module returned by fxmerge.merge or fxmerge.compress (it carries its "
                                    f"plan); got {type(compressed).__name__}")
-    torch.save({"format": FORMAT, "version": VERSION, "plan": json.dumps(record["plan_json"]),
-                "state_dict": compressed.state_dict()}, path)
+    target = _output_path(path)
+    data = {"format": FORMAT, "version": VERSION, "plan": json.dumps(record["plan_json"]),
+            "state_dict": compressed.state_dict()}
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:  # written beside the target and renamed over it: an interrupted save never leaves a partial artifact
+        torch.save(data, tmp)
+        os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise FxMergeError(f"could not save the compressed model to {target}: {' '.join(str(exc).split())[:200]}") \
+            from None
+
+
+def _output_path(path: Any) -> Path:
+    """``path`` as a file the artifact can be written to: not a folder, in a folder that exists."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InvalidArgumentError(f"path must be a file name (str or os.PathLike), e.g. 'model.pt'; got {path!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidArgumentError(f"path {str(target)!r} is a folder; give a file name, e.g. {str(target / 'model.pt')!r}")
+    check_output_folder(target)
+    return target
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module, *, map_location: Any = None,
@@ -53,6 +77,9 @@ def load_compressed(path: str | os.PathLike, model: nn.Module, *, map_location: 
     them) — with the saved state dict loaded strictly. ``trace`` is what the model needs to be
     traced (as for :func:`fxmerge.analyze`). Returned in eval mode. Only tensors and JSON are
     deserialised."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be the original architecture (the nn.Module the artifact was "
+                                   f"compressed from; its weights do not matter); got {type(model).__name__}")
     data = _read(path, map_location)
     plan = Plan.from_dict(data["plan"], source=f"{path} (its plan)")
     rebuilt = merge(model, plan, trace=trace)
