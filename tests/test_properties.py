@@ -1,14 +1,31 @@
 """Property-based: random conv runs (kernel 1-5, stride 1-2, dilation 1-2, groups, padding,
-BN or not, identity residuals) always merge to exactly their linearized graph."""
+BN or not, identity residuals) always merge to exactly their linearized graph.
+
+The suite must not fail by chance (issue 18, item 16): every test here runs under
+:data:`SEEDED` — derandomized (the same examples on every run and machine, no example
+database), no deadline — with a bounded number of examples, and the generators discard
+vacuous cases (a run whose output does not depend on its input, e.g. when every tap of a
+dilated kernel lands in the padding) with ``assume`` instead of failing on them.
+"""
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
-from hypothesis import assume, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
-from conftest import check_exact
+import fxmerge
+from conftest import check_exact, rel_err
 
 CHANNELS = 4
+
+# Deterministic and bounded: derandomize draws the same examples from a fixed seed on every run
+# (so a failure is reproducible and a pass cannot turn into a failure by chance); no database
+# (a failure found once on one machine does not change what the next run draws); no deadline
+# (the machine may be loaded); too_slow is not a failure (a busy machine is).
+SEEDED = settings(derandomize=True, database=None, deadline=None, print_blob=True,
+                  suppress_health_check=[HealthCheck.too_slow])
 
 
 class RandomRun(nn.Module):
@@ -62,8 +79,31 @@ def runs(draw):
     return specs, residuals, size
 
 
-@settings(max_examples=60, deadline=None)
+def depends_on_input(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module``'s output changes with its input (as the exactness checks require)."""
+    with torch.no_grad():
+        return rel_err(module(torch.randn_like(x)), module(x)) > 1e-3
+
+
+def is_test_case(model: nn.Module, x: torch.Tensor) -> bool:
+    """False for runs that are no test case (the tests ``assume`` it): strides shrank the map
+    below a kernel, or the output of the model or of its drop-all linearization does not
+    depend on the input (every tap of a kernel in the zero padding: any two models agree)."""
+    try:
+        model(x)
+    except RuntimeError:  # not a valid model at this size
+        return False
+    if not depends_on_input(model, x):
+        return False
+    x64, model64 = x.double(), copy.deepcopy(model).double()
+    analysis = fxmerge.analyze(model64, (x64,))
+    return depends_on_input(fxmerge.linearize(model64, fxmerge.Plan.drop_all(analysis)), x64)
+
+
+@settings(SEEDED, max_examples=40)
 @given(runs())
+# the issue's case: the last kernel's taps all land in the padding, so the output is zero
+@example(([(1, 2, 1, 1, 0, False, False), (3, 2, 2, 1, 0, False, False), (2, 1, 2, 1, 1, False, False)], {}, 9))
 def test_random_conv_runs_merge_exactly(run):
     specs, residuals, size = run
     torch.manual_seed(len(specs) * 7 + size)
@@ -76,15 +116,12 @@ def test_random_conv_runs_merge_exactly(run):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, CHANNELS, size, size + 1)
-    try:
-        model(x)
-    except RuntimeError:  # strides shrank the map below a kernel: not a valid model
-        assume(False)
+    assume(is_test_case(model, x))
     res = check_exact(model, (x,), dtype=torch.float64)
     assert len(res.analysis.chains[0].skips) == len(residuals)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(SEEDED, max_examples=20)
 @given(runs(), st.booleans())
 # nested residuals after a stride, around a dilated even kernel: composed as a unit, the inner
 # identity landed between taps (0.61 off in float64) until such branches composed in order
@@ -102,9 +139,6 @@ def test_residual_branches_merge_exactly_in_either_order(run, as_unit):
     torch.manual_seed(len(specs) * 11 + size)
     model = RandomRun(specs, residuals).eval()
     x = torch.randn(2, CHANNELS, size, size + 1)
-    try:
-        model(x)
-    except RuntimeError:
-        assume(False)
+    assume(is_test_case(model, x))
     with mock.patch.object(algebra, "_unit_is_cheaper", lambda *args: as_unit):
         check_exact(model, (x,), dtype=torch.float64, finetune=False)
