@@ -132,6 +132,10 @@ class ChainPlan:
         borders = _field(d, "borders", list, where)
         if not all(is_int(p) for p in borders):
             raise MalformedFileError(f"{where}.borders must be a list of positions (integers); got {borders!r}")
+        n = len(structure["layers"])
+        if borders != sorted(set(borders)) or not all(0 < p < n and p not in acts for p in borders):
+            raise MalformedFileError(f"{where}.borders must list distinct interior positions (1..{n - 1}, in order) "
+                                     f"that carry no activation; got {borders!r}: the file was edited or damaged")
         return cls(**structure, keep=tuple(sorted(by_act[n] for n in keep)),
                    boundaries=tuple(sorted(by_conv[c] for c in cut)), borders=tuple(borders),
                    signature=dict(d["signature"]), pruned=tuple(sorted(by_conv[c] for c in prune)))

@@ -129,6 +129,10 @@ FIELD_EDITS = {
     "pad c2": (lambda d: d["chains"][0]["layers"][1].__setitem__("pad", "c2"), r"chains\[0\]\.layers disagrees"),
     "borders not positions": (lambda d: d["chains"][0].__setitem__("borders", ["x"]),
                               r"chains\[0\]\.borders must be a list of positions"),
+    "borders out of range": (lambda d: d["chains"][0].__setitem__("borders", [99]),
+                             r"chains\[0\]\.borders must list distinct interior positions"),
+    "borders at an activation": (lambda d: d["chains"][0].__setitem__("borders", [1]),
+                                 r"chains\[0\]\.borders must list distinct interior positions"),
     "prune not a list": (lambda d: d["chains"][0].__setitem__("prune", "c"), r"chains\[0\]\.prune must be a JSON array"),
 }
 
@@ -456,3 +460,17 @@ def test_a_plan_applied_to_a_float64_copy_of_its_model_stays_exact(tiny):
         merged = fxmerge.merge(model64, fxmerge.Plan.keep_all(analysis))
     with torch.no_grad():
         torch.testing.assert_close(merged(X.double()), model64(X.double()), rtol=1e-9, atol=1e-12)
+
+
+def test_a_plan_file_with_its_border_positions_removed_is_refused(tiny):
+    """Hidden: ``borders: []`` in a plan for a model with a border (a padded conv after an
+    activation-free position) would let a merge move padding while the plan claims to be
+    exact; applying it is refused, naming the border positions."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                                    nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))).eval()
+    x = torch.randn(1, 3, 16, 16)
+    d = plan_dict(fxmerge.analyze(model, (x,)), "keep_all")
+    assert d["chains"][0]["borders"] == [1]
+    d["chains"][0]["borders"], d["chains"][0]["merge_after"] = [], ["_2"]  # merge across the border
+    with pytest.raises(fxmerge.PlanMismatchError, match=r"border positions \[\] in the plan, \[1\] in this model"):
+        fxmerge.merge(model, fxmerge.Plan.from_dict(d))
