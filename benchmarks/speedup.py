@@ -9,7 +9,9 @@ backend: measure a fresh latency table (its build time is reported), plan at eac
 fraction of the BatchNorm-folded original's latency *measured on that backend*), compress,
 then time the folded original (the baseline, as in the paper) and every compressed model
 interleaved in the same run. Reported per plan: predicted and measured ms, the prediction
-error, predicted and measured speed-up and the speed-up error.
+error, predicted and measured speed-up with its 95 % interval (paired samples of the
+interleaved rounds) and the speed-up error; a last line per model says whether the machine was
+quiet enough to trust them ("noisy" marks a speed-up whose interval is wider than 10 %).
 
 With ``--verify`` each budget is also planned with ``verify=True`` (plan, measure, correct,
 re-plan; the rounds are reported), and the verified models are timed in the same final
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 
 import torch
 import torchvision
@@ -34,6 +37,8 @@ from tabulate import tabulate
 
 import fxmerge
 from fxmerge.backends import compare_latency
+from fxmerge.cli.demo import speedup_summary
+from fxmerge.timing import TimingNoiseWarning
 from fxmerge.verification import TOLERANCE
 
 
@@ -77,31 +82,38 @@ def run(name: str, backend: str, budgets: list[float], shape: tuple[int, ...], v
                     chosen = fxmerge.plan(model, table, budget=budget, example_inputs=(x,), analysis=analysis,
                                           verify=verified, prune_layers=pruned, save_to=path if verified else None)
                 except (fxmerge.InfeasibleBudgetError, fxmerge.VerificationError) as exc:
-                    rows.append([name, backend, label, "-", "-", "-", "-", "-", "-", "-", str(exc).split(". ")[0]])
+                    rows.append([name, backend, label, "-", "-", "-", "-", "-", "-", "-", "-", str(exc).split(". ")[0]])
                     continue
                 plans[label], modules[label] = chosen, fxmerge.merge(model, chosen)
-    timings = compare_latency(modules, (x,), backend=backend, rounds=5, repeats=15)
+    with warnings.catch_warnings():  # the verdict line below says it, with every interval
+        warnings.simplefilter("ignore", TimingNoiseWarning)
+        timings = compare_latency(modules, (x,), backend=backend, rounds=5, repeats=15, baseline="original")
     base = timings["original"].ms
+    speedups, verdict = speedup_summary(timings, "original")
+    record["timing"] = verdict
     original_pred = fxmerge.plan(model, table, example_inputs=(x,), analysis=analysis).info["predicted_ms"]["original"]
     out = [[name, backend, "original", analysis.num_layers, f"{original_pred:.2f}", f"{base:.2f}",
-            f"{100 * (original_pred - base) / base:+.1f}%", "1.00x", "1.00x", "-", f"table {table_s:.0f} s"]]
+            f"{100 * (original_pred - base) / base:+.1f}%", "1.00x", "1.00x", "", "-", f"table {table_s:.0f} s"]]
     for label, chosen in plans.items():
-        pred, meas = chosen.info["predicted_ms"]["planned"], timings[label].ms
-        pred_speedup, speedup = chosen.info["original_ms"] / pred, base / meas
-        note = ""
+        pred, meas, s = chosen.info["predicted_ms"]["planned"], timings[label].ms, speedups[label]
+        pred_speedup, speedup = chosen.info["original_ms"] / pred, s.value
+        note = "" if s.trusted else "noisy"
         if "verify" in chosen.info:
             budget = chosen.info["verify"][0]["budget_ratio"]
-            note = f"{len(chosen.info['verify'])} round(s); {'meets' if meas <= TOLERANCE * budget * base else 'MISSES'}"
+            verdict_ = "meets" if meas <= TOLERANCE * budget * base else "MISSES"
+            note = f"{len(chosen.info['verify'])} round(s); {verdict_}" + (" (noisy)" if note else "")
         out.append([name, backend, label, chosen.num_convs, f"{pred:.2f}", f"{meas:.2f}",
                     f"{100 * (pred - meas) / meas:+.1f}%", f"{pred_speedup:.2f}x", f"{speedup:.2f}x",
-                    f"{100 * (pred_speedup - speedup) / speedup:+.1f}%", note])
+                    f"{s.low:.2f}-{s.high:.2f}x", f"{100 * (pred_speedup - speedup) / speedup:+.1f}%", note])
         record[label] = {"predicted_ms": pred, "measured_ms": meas, "original_ms": base,
-                         "predicted_speedup": pred_speedup, "speedup": speedup,
-                         "rounds": chosen.info.get("verify"), "pruned": chosen.num_pruned}
+                         "predicted_speedup": pred_speedup, "speedup": speedup, "speedup_interval": [s.low, s.high],
+                         "trusted": s.trusted, "rounds": chosen.info.get("verify"), "pruned": chosen.num_pruned}
     for key in ("smallest budget", "smallest budget pruned"):
         if key in record:
-            out.append([name, backend, key, "-", "-", "-", "-", "-", "-", "-", f"{record[key]:.3f} of the original"])
-    return out + rows, record
+            out.append([name, backend, key, "-", "-", "-", "-", "-", "-", "-", "-", f"{record[key]:.3f} of the original"])
+    if table.drift is not None:
+        record["table_drift"] = table.drift
+    return out + rows + [[name, backend, "timing", "", "", "", "", "", "", "", "", verdict]], record
 
 
 def main() -> None:
@@ -121,7 +133,7 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     rows, records = [], {}
     headers = ["model", "backend", "budget", "convs", "predicted ms", "measured ms", "pred. error", "pred. speed-up",
-               "speed-up", "speed-up error", ""]
+               "speed-up", "95% interval", "speed-up error", ""]
     for backend in args.backends.split(","):
         for name in args.models.split(","):
             new_rows, records[f"{name}/{backend}"] = run(name, backend, budgets, shape, args.verify,

@@ -299,3 +299,21 @@ def test_a_table_measured_on_a_steady_machine_says_nothing(registry):
         warnings.simplefilter("error", TimingNoiseWarning)
         table = fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), backend="fake")
     assert table.drift == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- what the demo prints
+
+
+def test_demo_reports_speedups_within_their_confidence_or_says_it_was_too_noisy():
+    from fxmerge.cli.demo import speedup_summary
+
+    quiet = {"original": _timing(QUIET), "budget 0.6": _timing(QUIET, 0.5)}
+    speedups, line = speedup_summary(quiet, "original")
+    assert speedups["budget 0.6"].value == pytest.approx(2.0) and speedups["budget 0.6"].trusted
+    assert line.startswith("timing: every speed-up is within +-") and "9 paired samples" in line
+    busy = {"original": _timing(QUIET), "budget 0.8": _timing(BUSY, 0.9), "budget 0.6": _timing(QUIET, 0.5)}
+    speedups, line = speedup_summary(busy, "original")
+    low, high = speedups["budget 0.8"].interval()
+    assert low < 1 < high  # "faster" cannot even be told from "slower" here
+    assert line.startswith("the machine was too noisy to measure 1 of these 2 speed-ups: budget 0.8 measured")
+    assert f"{low:.2f}x-{high:.2f}x" in line and "run the demo again when the machine is quieter" in line
