@@ -96,7 +96,7 @@ def speedup_summary(timings: Mapping[str, Timing], baseline: str) -> tuple[dict[
     return speedups, (f"the machine was too noisy to measure {len(noisy)} of these {len(speedups)} speed-ups: "
                       f"{name} measured {s.value:.2f}x, but its 95 % interval is {s.low:.2f}x-{s.high:.2f}x "
                       f"(+-{50 * s.width:.0f} %; the original's samples spread {100 * timings[baseline].relative_spread:.0f} % "
-                      "across the rounds). Other work is running here: run the demo again when the machine is quieter.")
+                      "across the rounds). Other work is running here: measure again when the machine is quieter.")
 
 
 def _predicted(plans: dict) -> float:
