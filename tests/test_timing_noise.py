@@ -318,3 +318,20 @@ def test_demo_reports_speedups_within_their_confidence_or_says_it_was_too_noisy(
     assert low < 1 < high  # "faster" cannot even be told from "slower" here
     assert line.startswith("the machine was too noisy to measure 1 of these 2 speed-ups: budget 0.8 measured")
     assert f"{low:.2f}x-{high:.2f}x" in line and "measure again when the machine is quieter" in line
+
+
+def test_cli_verify_says_the_machine_was_too_noisy(registry, tmp_path, capsys):
+    from fxmerge.cli import main
+
+    backend = fxmerge.register_backend(NoisyFake())
+    common = ["--input-shape", "1,3,32,32", "--cache-dir", str(tmp_path), "--backend", "fake"]
+    factory = "test_latency_and_plan:tiny_mbv2"
+    backend.noisy = False
+    assert main(["plan", factory, "--budget", "0.95", "--verify", *common]) == 0
+    out = capsys.readouterr().out
+    assert "verification:" in out and "95% interval" in out
+    backend.noisy = True
+    with pytest.warns(TimingNoiseWarning):
+        code = main(["plan", factory, "--budget", "0.9", "--verify", *common])
+    err = capsys.readouterr().err
+    assert code != 0 and "too noisy to correct the cost model with" in err
