@@ -358,9 +358,11 @@ class SeedBench:
         return self.out / "nets" / f"{arch}.pt"
 
 
-def mnist_timings(out: Path, benches: list[SeedBench], s: Settings, retime: bool) -> dict:
-    """Measured speed-up of every architecture the seeds deployed, one interleaved session for
-    those not timed yet (all of them with ``retime``)."""
+def mnist_timings(out: Path, benches: list[SeedBench], s: Settings, retime: bool, rounds: int, repeats: int) -> dict:
+    """Measured speed-up of every architecture the seeds deployed, one interleaved session
+    (``rounds`` x ``repeats`` samples each) for those not timed yet (all of them with
+    ``retime``). Timing settings are not part of the refused-if-changed configuration: they
+    change no fine-tuned net, and each session records its own."""
     path = out / "timings.json"
     saved = json.loads(path.read_text()) if path.exists() and not retime else {"speedup": {}, "sessions": []}
     archs = {e["arch"] for b in benches for e in b.results["nets"].values()}
@@ -370,7 +372,8 @@ def mnist_timings(out: Path, benches: list[SeedBench], s: Settings, retime: bool
         x = benches[0].setup.x
         modules = {"original": load_deployed(out, benches, original)}
         modules.update({a: load_deployed(out, benches, a) for a in todo})
-        session = time_interleaved(modules, x, s.copies)
+        session = time_interleaved(modules, x, s.copies, rounds=rounds, repeats=repeats)
+        session.update(rounds=rounds, repeats=repeats)
         saved["speedup"].update(session.pop("speedup"))
         saved["speedup"][original] = 1.0
         saved["sessions"].append(session)
@@ -512,7 +515,7 @@ def mnist_main(args: argparse.Namespace) -> None:
         bench = SeedBench(s, seed, out, table, costs)
         bench.run()
         benches.append(bench)
-    timings = mnist_timings(out, benches, s, args.retime)
+    timings = mnist_timings(out, benches, s, args.retime, args.rounds, args.repeats)
     report, summary = mnist_report(s, benches, timings)
     write_json(out / "summary.json", report)
     log(f"\nMNIST test split of 1,000 digits per seed (a point is 10 digits), holdout 500; latency at batch "
@@ -548,7 +551,7 @@ def latency_main(args: argparse.Namespace) -> None:
     check_config(out, {"ratios": ratios, "both_ratios": both_ratios, "points": args.points,
                        "both_points": args.both_points, "min_budget": args.min_budget, "max_budget": args.max_budget,
                        "round_to": args.round_to, "size": args.size, "threads": args.threads, "copies": args.copies,
-                       "rounds": args.rounds, "repeats": args.repeats, "plan_backend": args.plan_backend})
+                       "plan_backend": args.plan_backend})  # timing settings: recorded per session
     costs_path = out / "tables" / "costs.json"
     costs = json.loads(costs_path.read_text()) if costs_path.exists() else {}
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -613,6 +616,7 @@ def latency_run(name: str, model: nn.Module, pruned: dict[float, nn.Module], x: 
         for label, plan in pipeline.plans_for(UNIFORM, both_cfg, pruned[r], ptable, panalysis, x, log):
             nets[f"both/{r:g}/{label}"] = ("both", f"{r:g} {label}", fxmerge.merge(pruned[r], plan).eval())
     session = time_interleaved({k: v[2] for k, v in nets.items()}, x, args.copies, backend, args.rounds, args.repeats)
+    session.update(rounds=args.rounds, repeats=args.repeats)
     speedup = {"original": 1.0, **session.pop("speedup")}
     record = {"session": session, "planned_on": planned_on, "nets": {}}
     for key, (family, point, module) in nets.items():
@@ -695,8 +699,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan-backend", help="224: plan every backend's nets on this backend's latency tables (the "
                    "same nets timed on each backend; saves measuring a table per backend); default: each its own")
     p.add_argument("--size", type=int, help="224: input height and width (default 224)")
-    p.add_argument("--rounds", type=int, help="224: interleaved timing rounds (default 5)")
-    p.add_argument("--repeats", type=int, help="224: samples per module and round (default 15)")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default 5)")
+    p.add_argument("--repeats", type=int, help="samples per module and round (default 15)")
     args = p.parse_args(argv)
     mode = "latency" if args.latency_224 else "mnist"
     for key, value in {**DEFAULTS[mode], **(QUICK[mode] if args.quick else {})}.items():
