@@ -213,8 +213,9 @@ def capture_graph(model: nn.Module | torch.export.ExportedProgram, example_input
         try:
             return _export_after_fx(model, example_inputs)
         except (TraceFailedError, UnsupportedModelError) as export_failure:
-            raise TraceFailedError(f"{fx_failure} torch.export could not capture it either: {export_failure}"
-                                   ) from export_failure
+            raise TraceFailedError(f"{fx_failure} torch.export could not capture it either: {export_failure} "
+                                   "To compress the parts that can be captured (a backbone), pass "
+                                   "modules=['name', ...].") from export_failure
     if options.is_default and _hides_convs(gm):  # export may see inside what fx had to keep whole
         try:
             return _export_after_fx(model, example_inputs)

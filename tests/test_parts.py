@@ -21,7 +21,7 @@ F64 = torch.float64
 
 
 class DataDependentHead(nn.Module):
-    """A branch on tensor values: neither fx nor export captures the model whole."""
+    """A branch on tensor values: export cannot capture it, fx keeps it whole."""
 
     def forward(self, x):
         if x.sum() > 0:
@@ -185,3 +185,15 @@ def test_compress_with_modules_plans_the_parts_under_one_budget():
     assert_same(compressed, fxmerge.linearize(model, plan), (x,), F64, "compress(modules) vs its linearized twin")
     with pytest.raises(fxmerge.InvalidArgumentError, match="the analysis passed covers"):
         fxmerge.plan(model, table, budget=0.8, example_inputs=(x,), analysis=analysis, modules=["stem"])
+
+
+def test_a_model_neither_front_end_captures_says_so_and_points_to_modules():
+    class Branchy(Net):
+        def forward(self, x):
+            y = self.body(self.stem(x))
+            return y.mean() if y.sum() > 0 else y.amax()  # the model's own forward branches on values
+
+    model, x = Branchy().eval(), torch.randn(1, 3, 12, 12)
+    with pytest.raises(fxmerge.TraceFailedError, match=r"torch.export could not capture it either.*modules=\["):
+        fxmerge.analyze(model, (x,))
+    assert fxmerge.analyze(model, (x,), modules=["stem", "body"]).num_layers == 4
