@@ -86,9 +86,10 @@ def verify(select: Callable[[float], Plan], predict: Callable[[Plan], float], ta
     measurement (a secant step, so a backend whose real cost bends away from the table's is
     still met). An aim below the smallest feasible plan is raised to it (the fastest plan is
     worth measuring). A round whose measurement is too noisy to trust (its ratio's confidence
-    interval wider than :data:`fxmerge.timing.NOISY_WIDTH`) corrects nothing and meets the
-    budget only if its whole interval does: it is not recorded, and the next round times the
-    same plan again. Returns the first plan that
+    interval wider than :data:`fxmerge.timing.NOISY_WIDTH`) corrects nothing: it is not
+    recorded, and when it misses the next round times the same plan again; one that meets the
+    budget on its median is returned with a :class:`~fxmerge.timing.TimingNoiseWarning` giving
+    its interval. Returns the first plan that
     measures within ``TOLERANCE`` of the budget,
     with every round in its report; raises :class:`~fxmerge.VerificationError` with the closest
     plan otherwise. Every round's observation is saved to ``save_to`` either way.
@@ -113,11 +114,16 @@ def verify(select: Callable[[float], Plan], predict: Callable[[Plan], float], ta
                                        budget_ratio=target_ms / original_ms, ratio_interval=interval.interval()))
             if best is None or measured < best[0]:
                 best = (measured, chosen)
-            if measured <= target_ms * TOLERANCE and (interval.trusted or interval.high * original_ms <= target_ms * TOLERANCE):
+            if measured <= target_ms * TOLERANCE:
+                if not interval.trusted:
+                    warnings.warn(f"the plan met its budget on a noisy measurement: {ratio:.3f} of the folded original "
+                                  f"against {target_ms / original_ms:.3f}, {100 * interval.confidence:.0f} % interval "
+                                  f"{interval.low:.3f}-{interval.high:.3f}; the verification is only as sure as that "
+                                  "(plan.info['verify'])", TimingNoiseWarning, stacklevel=3)
                 chosen.report = dataclasses.replace(chosen.report, verify=history)
                 return chosen
             if not interval.trusted:
-                continue  # too noisy to decide or correct with (not recorded): the same aim, the plan timed again
+                continue  # too noisy to correct with (not recorded): the same aim, the plan timed again
             measured_plans.add(chosen.fingerprint())
             refit = predict(chosen)  # the re-fitted model's view of the plan just measured
             aim = min(target_ms * refit / measured, refit * (1 - 1e-3))  # and never the same plan again

@@ -335,3 +335,19 @@ def test_cli_verify_says_the_machine_was_too_noisy(registry, tmp_path, capsys):
         code = main(["plan", factory, "--budget", "0.9", "--verify", *common])
     err = capsys.readouterr().err
     assert code != 0 and "too noisy to correct the cost model with" in err
+
+
+def test_verify_accepts_a_noisy_round_that_meets_the_budget_and_says_how_sure_it_is(monkeypatch):
+    plans, table = {"slow": _Plan("slow"), "fast": _Plan("fast")}, _Table()
+    calls = []
+
+    def measure_plans(table, model, inputs, analysis, plans, **kw):
+        (name, plan), = plans.items()
+        calls.append(plan.name)
+        return PlanTimings(20.0, {name: 0.49}, [], {name: Ratio(0.49, 0.40, 0.62, 0.96, 9)}, {name: plan})
+
+    monkeypatch.setattr(verification, "measure_plans", measure_plans)
+    with pytest.warns(TimingNoiseWarning, match=r"met its budget on a noisy measurement: 0\.490 .* interval 0\.400-0\.620"):
+        chosen = _verify(plans, table)
+    assert chosen is plans["slow"] and calls == ["slow"]
+    assert chosen.report.verify[0].ratio_interval == (0.40, 0.62)
