@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
@@ -141,4 +142,25 @@ def test_residual_branches_merge_exactly_in_either_order(run, as_unit):
     x = torch.randn(2, CHANNELS, size, size + 1)
     assume(is_test_case(model, x))
     with mock.patch.object(algebra, "_unit_is_cheaper", lambda *args: as_unit):
+        check_exact(model, (x,), dtype=torch.float64, finetune=False)
+
+
+@pytest.mark.xfail(raises=KeyError, strict=True,
+                   reason="open bug, found by hypothesis (issue 18 sweep): composing two residuals from one source "
+                          "in order (not as a unit) deletes a bound state twice in algebra._Run.execute; remove this "
+                          "mark when fixed")
+def test_two_residuals_from_one_source_compose_in_order():
+    """Residuals (1, 3) and (1, 4) after a dilated even kernel, composed in order: merge must
+    equal linearize (it raises KeyError in algebra._Run.execute today)."""
+    from unittest import mock
+
+    from fxmerge import algebra
+
+    specs = [(2, 1, 1, 1, 0, False, False), (2, 1, 2, 1, 1, False, False), (1, 1, 1, 1, 0, False, False),
+             (1, 1, 1, 1, 0, False, False)]
+    torch.manual_seed(len(specs) * 11 + 9)
+    model = RandomRun(specs, {2: 1, 3: 1}).eval()
+    x = torch.randn(2, CHANNELS, 9, 10)
+    assert is_test_case(model, x)
+    with mock.patch.object(algebra, "_unit_is_cheaper", lambda *args: False):
         check_exact(model, (x,), dtype=torch.float64, finetune=False)
