@@ -41,7 +41,8 @@ from fxmerge.plans import Plan
 from fxmerge.records import Analysis, BlockLimits
 from fxmerge.serialization import check_header, check_output_folder, read_json, write_json
 from fxmerge.table_checks import check_reference, check_table_contents, limits_dict
-from fxmerge.timing import Progress, Timing, TimingNoiseWarning, TimingSettings, device_name, drift_note
+from fxmerge.timing import (Progress, Timing, TimingNoiseWarning, TimingSettings, device_name, drift_note,
+                            state_note)
 
 FORMAT, VERSION = "fxmerge.latency", 2
 log = logging.getLogger("fxmerge")
@@ -155,6 +156,10 @@ class LatencyTable:
             _warn_noisy_references(timings)
             if todo:
                 self.drift = self._recheck_units(backend, todo, settings)
+                spreads = [self.entries[k].get("spread", 0.0) / self.ms(k) for k in todo if self.ms(k) > 0]
+                note = state_note(spreads, timings.original_spread)
+                if note is not None:
+                    warnings.warn(note, TimingNoiseWarning, stacklevel=3)
             changed = True
         if changed:  # nothing measured, nothing to write
             checkpoint()

@@ -140,6 +140,7 @@ class PlanTimings:
     observations: list[dict]
     intervals: dict[str, Ratio] = field(default_factory=dict)  # each plan's ratio with its confidence interval
     plans: dict[str, Plan] = field(default_factory=dict)
+    original_spread: float = 0.0  # the folded original's IQR / median in this run: how busy the machine was
 
     def noisy(self) -> list[str]:
         """The plans whose ratio is too noisy to fit a correction to (:attr:`Ratio.trusted`)."""
@@ -150,7 +151,7 @@ class PlanTimings:
         by definition, always stays)."""
         noisy = {self.plans[name].fingerprint() for name in self.noisy()}
         keep = [o for o in self.observations if o["plan"] not in noisy or o["kind"] == "fold-only"]
-        return PlanTimings(self.original_ms, self.ratios, keep, self.intervals, self.plans)
+        return PlanTimings(self.original_ms, self.ratios, keep, self.intervals, self.plans, self.original_spread)
 
 
 def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], analysis: Analysis,
@@ -182,4 +183,4 @@ def time_plans(backend: str, model: nn.Module, inputs: Sequence[torch.Tensor], a
     if include_original and all(p.fingerprint() != folded.fingerprint() for p in plans.values()):
         observations.insert(0, {"plan": folded.fingerprint(), "kind": "fold-only", "terms_ms": raw.terms_ms(folded),
                                 "ops": raw.op_count(folded), "ratio": 1.0, "pruned": 0})
-    return PlanTimings(original_ms, ratios, observations, intervals, dict(plans))
+    return PlanTimings(original_ms, ratios, observations, intervals, dict(plans), original.relative_spread)

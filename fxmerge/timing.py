@@ -294,3 +294,28 @@ def drift_note(table_ms: Mapping[str, float], again_ms: Mapping[str, float], wha
             f"end-to-end references ran at {m:.2f}x their table times ({ratios[0]:.2f}x-{ratios[-1]:.2f}x), so the "
             "references and the units describe different machine states and predictions will be off by about that "
             "much. Measure the table again on a quieter machine (LatencyTable.measure, fxmerge table --fresh)")
+
+
+def state_note(unit_spreads: Sequence[float], reference_spread: float) -> str | None:
+    """Compare how much the units' samples spread (each entry's IQR / median) with how much the
+    folded original's did while the end-to-end references ran: a sentence when the references
+    saw a much busier machine (spread over :data:`NOISY_WIDTH` and over twice the units'
+    median), else None. Their ratios may still be sharp (interleaving cancels the load), but
+    the units, medians of short runs, describe a quieter machine than the references: the
+    fitted scale then stands for the load.
+
+    >>> state_note([0.02, 0.03, 0.01], 0.04) is None
+    True
+    >>> state_note([0.02, 0.03, 0.01], 0.35)[:80]
+    'the end-to-end references ran on a busier machine than the units: the folded ori'
+    """
+    if not unit_spreads or reference_spread <= NOISY_WIDTH:
+        return None
+    units = statistics.median(unit_spreads)
+    if reference_spread <= 2 * units:
+        return None
+    return (f"the end-to-end references ran on a busier machine than the units: the folded original's samples "
+            f"spread {100 * reference_spread:.0f} % (IQR / median) while they were timed, the units' "
+            f"{100 * units:.0f} % (median over {len(unit_spreads)}). The correction's scale then stands for that load, "
+            "and predictions hold only while the machine is as busy. Measure the table again on a quieter machine "
+            "(LatencyTable.measure, fxmerge table --fresh)")

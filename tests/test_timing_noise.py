@@ -351,3 +351,21 @@ def test_verify_accepts_a_noisy_round_that_meets_the_budget_and_says_how_sure_it
         chosen = _verify(plans, table)
     assert chosen is plans["slow"] and calls == ["slow"]
     assert chosen.report.verify[0].ratio_interval == (0.40, 0.62)
+
+
+class BusyReferences(Fake):
+    """Fake's law; whole models timed on a machine that another process keeps taking: every
+    module's samples swing alike (their ratios stay sharp), the units' do not."""
+
+    def compare(self, modules, inputs, *, rounds=5, repeats=15, min_repeat_ms=30.0, warmup_ms=500.0, runners=None):
+        return {name: Timing.from_samples([self.model_ms(m, inputs) * s for s in BUSY], 1) for name, m in modules.items()}
+
+
+def test_a_table_says_when_its_references_saw_a_busier_machine_than_its_units(registry):
+    fxmerge.register_backend(BusyReferences())
+    with pytest.warns(TimingNoiseWarning, match=r"the end-to-end references ran on a busier machine than the units: "
+                                                r"the folded original's samples spread \d+ %"):
+        table = fxmerge.LatencyTable.measure(tiny_mbv2(), (X,), backend="fake")
+    analysis = fxmerge.analyze(tiny_mbv2(), (X,))
+    assert len(table.reference(analysis)["observations"]) >= 3  # sharp ratios: the references are all kept
+    assert timing.state_note([0.02] * 5, 0.05) is None and timing.state_note([0.08] * 5, 0.12) is None
