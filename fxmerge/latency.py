@@ -153,17 +153,25 @@ class LatencyTable:
             timings = time_plans(self.backend, model, example_inputs, analysis, plans, self.ms, kind="reference",
                                  include_original=model_key(analysis) not in self.references, trace=trace)
             self.record(analysis, example_inputs, timings)
-            _warn_noisy_references(timings)
-            if todo:
-                self.drift = self._recheck_units(backend, todo, settings)
-                spreads = [self.entries[k].get("spread", 0.0) / self.ms(k) for k in todo if self.ms(k) > 0]
-                note = state_note(spreads, timings.original_spread)
-                if note is not None:
-                    warnings.warn(note, TimingNoiseWarning, stacklevel=3)
+            self._check_machine_state(backend, todo, settings, timings)
             changed = True
         if changed:  # nothing measured, nothing to write
             checkpoint()
         return self
+
+    def _check_machine_state(self, backend: Any, units: dict[str, Any], settings: TimingSettings,
+                             timings: PlanTimings) -> None:
+        """Say (:class:`~fxmerge.timing.TimingNoiseWarning`) when the references were too noisy,
+        or when the units just timed (``units``) and the references saw different machines:
+        units re-timed at another speed, or the references' spread far above the units'."""
+        _warn_noisy_references(timings)
+        if not units:
+            return
+        self.drift = self._recheck_units(backend, units, settings)
+        spreads = [self.entries[k].get("spread", 0.0) / self.ms(k) for k in units if self.ms(k) > 0]
+        note = state_note(spreads, timings.original_spread)
+        if note is not None:
+            warnings.warn(note, TimingNoiseWarning, stacklevel=4)
 
     def _recheck_units(self, backend: Any, units: dict[str, Any], settings: TimingSettings) -> float:
         """Re-time the slowest of the units just measured, now that the references are timed,
@@ -177,7 +185,7 @@ class LatencyTable:
                            progress=Progress(len(keys), "fxmerge: re-timing units", False))
         note = drift_note({k: self.ms(k) for k in again}, again)
         if note is not None:
-            warnings.warn(note, TimingNoiseWarning, stacklevel=4)
+            warnings.warn(note, TimingNoiseWarning, stacklevel=5)
         ratios = sorted(again[k] / self.ms(k) for k in again if self.ms(k) > 0)
         return ratios[len(ratios) // 2] if ratios else 1.0
 
@@ -348,7 +356,7 @@ def _warn_noisy_references(timings: PlanTimings) -> None:
                       f"noisily to trust: {worst!r} measured {r.value:.3f} of the folded original, {100 * r.confidence:.0f} % "
                       f"interval {r.low:.3f}-{r.high:.3f} (+-{50 * r.width:.0f} %). The correction fitted to them (the "
                       "rest of the network, the per-op overhead, the scale) is as uncertain: measure the table again on "
-                      "a quieter machine, or let verify=True observations correct it", TimingNoiseWarning, stacklevel=4)
+                      "a quieter machine, or let verify=True observations correct it", TimingNoiseWarning, stacklevel=5)
 
 
 def _fit(reference: dict) -> Correction:
