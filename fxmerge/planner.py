@@ -251,6 +251,9 @@ def _planner(model: nn.Module, table: Any, importance: Any, example_inputs: Any,
     example_inputs = check_inputs("example_inputs", example_inputs) if example_inputs is not None else \
         _example_inputs(table, model)
     table.check_environment(example_inputs, backend=backend)
+    if analysis is not None and not isinstance(analysis, Analysis):
+        raise InvalidArgumentError(f"analysis must be the fxmerge.Analysis that fxmerge.analyze returns; got "
+                                   f"{type(analysis).__name__}")
     if analysis is None:
         analysis = analyze(model, example_inputs, limits=table.block_limits(), prune_layers=prune_layers, trace=trace,
                            modules=modules)

@@ -107,7 +107,9 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
     """
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be an fxmerge.Plan; got {type(plan).__name__}")
-    model = unwrap(model)
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module (or an ExportedProgram); got {type(model).__name__}")
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     if _is_linearized(model):
         if model.meta[RECORD]["plan"] != plan.fingerprint():
             raise PlanMismatchError("this model was linearized with a different plan; linearize the original model")
@@ -272,7 +274,6 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
     mode up to float error. The result carries its plan (:func:`merged_plan_record`,
     ``fxmerge.plan_of``), pickled or saved with ``torch.save`` too.
     """
-    model = unwrap(model)
     gm = linearize(model, plan, example_inputs=example_inputs, trace=trace)
     if plan.modules and not _is_linearized(gm):  # the whole model, its parts linearized: merge each
         for name in plan.modules:

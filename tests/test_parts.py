@@ -197,3 +197,14 @@ def test_a_model_neither_front_end_captures_says_so_and_points_to_modules():
     with pytest.raises(fxmerge.TraceFailedError, match=r"torch.export could not capture it either.*modules=\["):
         fxmerge.analyze(model, (x,))
     assert fxmerge.analyze(model, (x,), modules=["stem", "body"]).num_layers == 4
+
+
+def test_what_is_not_a_model_or_an_analysis_is_named():
+    model, x = _net()
+    plan = fxmerge.Plan.drop_all(fxmerge.analyze(model.stem, (x,)))
+    for call in (lambda: fxmerge.merge("resnet18", plan), lambda: fxmerge.linearize(None, plan)):
+        with pytest.raises(fxmerge.InvalidArgumentError, match="model must be a torch.nn.Module"):
+            call()
+    table = merging_pays_table(fxmerge.analyze(model.stem, (x,)), (x,))
+    with pytest.raises(fxmerge.InvalidArgumentError, match="analysis must be the fxmerge.Analysis"):
+        fxmerge.plan(model.stem, table, budget=0.9, example_inputs=(x,), analysis="a")
