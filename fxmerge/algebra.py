@@ -760,9 +760,15 @@ class _Run:
         outer_plan, key, inner, span = plan[1:5]
         origin = plan[5] if kind == "left" else span.source
         outer = self.execute(outer_plan, bound)
+        # bindings nest like scopes: two residuals from one source can compose through with the
+        # same key, the inner one shadowing the outer only while its own plan runs
+        shadowed = bound.get(key)
         bound[key] = outer
         merged = self.execute(inner, bound)
-        del bound[key]
+        if shadowed is None:
+            del bound[key]
+        else:
+            bound[key] = shadowed
         if kind == "right":  # R(F(x) + x) = R(F(x)) + W_R x: R's bias is in the first term only
             outer = ConvState(outer.weight, torch.zeros_like(outer.bias), outer.stride, outer.groups, outer.grid)
         # merged was built for this sum alone (the inner plan has two or more parts)

@@ -145,13 +145,10 @@ def test_residual_branches_merge_exactly_in_either_order(run, as_unit):
         check_exact(model, (x,), dtype=torch.float64, finetune=False)
 
 
-@pytest.mark.xfail(raises=KeyError, strict=True,
-                   reason="open bug, found by hypothesis (issue 18 sweep): composing two residuals from one source "
-                          "in order (not as a unit) deletes a bound state twice in algebra._Run.execute; remove this "
-                          "mark when fixed")
 def test_two_residuals_from_one_source_compose_in_order():
     """Residuals (1, 3) and (1, 4) after a dilated even kernel, composed in order: merge must
-    equal linearize (it raises KeyError in algebra._Run.execute today)."""
+    equal linearize (found by hypothesis: the inner residual's binding, under the same key as
+    the outer one, was deleted while the outer's plan still read it - a KeyError)."""
     from unittest import mock
 
     from fxmerge import algebra
