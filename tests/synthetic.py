@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxmerge
+from fxmerge.measure import pruned_reference_plans
 from fxmerge.cost import CostModel
 from fxmerge.latency import environment
 
@@ -34,10 +35,14 @@ def table_for(analysis: fxmerge.Analysis, inputs: tuple[torch.Tensor, ...], conv
     table = fxmerge.LatencyTable(entries, fingerprint=environment(inputs, backend))
     fold = fxmerge.Plan.fold_only(analysis)
     cost = CostModel(analysis, table.ms)
-    # one end-to-end observation (the folded original), so the fitted correction is the rest alone
-    table.observe(analysis, inputs, rest_ms + cost.terms_ms(fold), [
-        {"plan": fold.fingerprint(), "kind": "reference", "terms_ms": cost.terms_ms(fold), "ops": cost.op_count(fold),
-         "ratio": 1.0}])
+    original_ms = rest_ms + cost.terms_ms(fold)
+    # end-to-end observations that are exact sums (the folded original; with pruning options,
+    # the pruned references a table measures too, so nothing is left to time for real), so
+    # the fitted correction is the rest alone
+    plans = {"folded": fold, **(pruned_reference_plans(analysis, table.ms) if analysis.prune_layers else {})}
+    table.observe(analysis, inputs, original_ms, [
+        {"plan": p.fingerprint(), "kind": "reference", "terms_ms": cost.terms_ms(p), "ops": cost.op_count(p),
+         "ratio": (rest_ms + cost.terms_ms(p)) / original_ms, "pruned": p.num_pruned} for p in plans.values()])
     return table
 
 
