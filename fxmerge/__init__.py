@@ -48,6 +48,7 @@ _PUBLIC = {
     "LatencyTable": "fxmerge.latency", "ImportanceTable": "fxmerge.importance",
     "BACKENDS": "fxmerge.backends", "Backend": "fxmerge.backends", "backend_registry": "fxmerge.backends",
     "compare_latency": "fxmerge.backends", "measure_latency": "fxmerge.backends",
+    "TimingNoiseWarning": "fxmerge.timing",
     "register_backend": "fxmerge.backends", "unregister_backend": "fxmerge.backends",
     "plan": "fxmerge.planner", "frontier": "fxmerge.planner",
     "compress": "fxmerge.api", "plan_of": "fxmerge.api",
@@ -104,3 +105,4 @@ if TYPE_CHECKING:  # what IDEs and type checkers see
     from fxmerge.records import Analysis, BlockLimits, Chain, ImportanceKey
     from fxmerge.reparameterization import reparameterize
     from fxmerge.report import PlanReport
+    from fxmerge.timing import TimingNoiseWarning

@@ -86,13 +86,14 @@ class LatencyTable:
                 limits: BlockLimits | None = None, path: str | os.PathLike | None = None, warmup: int = 3,
                 repeats: int = 9, min_repeat_ms: float = 10.0, rounds: int = 3, progress: bool | None = None,
                 references: bool = True, prune_layers: bool = False,
-                trace: TraceOptions | None = None) -> "LatencyTable":
+                trace: TraceOptions | None = None, modules: Sequence[str] | None = None) -> "LatencyTable":
         """Measure every term ``model`` needs at ``example_inputs`` (device, dtype and batch
         follow them) as ``backend`` runs it, and (``references=True``) time a few whole plans
         end to end, to which the rest and the per-op overhead are fitted. ``prune_layers=True``
         also measures the merged specs of every block's pruning options (LayerMerge), for
         ``fxmerge.plan(..., prune_layers=True)``. With ``path``, finished entries are saved
-        there as they come and an existing file there is resumed. ``trace`` as for
+        there as they come and an existing file there is resumed. ``trace`` and ``modules``
+        (only those submodules' terms; references time the whole model) as for
         :func:`fxmerge.analyze`."""
         example_inputs = check_inputs("example_inputs", example_inputs)
         TimingSettings(warmup, repeats, min_repeat_ms, rounds).check()
@@ -103,7 +104,8 @@ class LatencyTable:
             resumed = cls.load(path)
             resumed.check_environment(example_inputs, backend=backend, source=path)
             table = table | resumed
-        analysis = analyze(model, example_inputs, limits=limits, prune_layers=prune_layers, trace=trace)
+        analysis = analyze(model, example_inputs, limits=limits, prune_layers=prune_layers, trace=trace,
+                           modules=modules)
         table.limits = limits_dict(analysis.limits)
         table.measure_missing(model, example_inputs, analysis=analysis, path=path, warmup=warmup, repeats=repeats,
                               min_repeat_ms=min_repeat_ms, rounds=rounds, progress=progress, reference=references,

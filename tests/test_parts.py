@@ -208,3 +208,14 @@ def test_what_is_not_a_model_or_an_analysis_is_named():
     table = merging_pays_table(fxmerge.analyze(model.stem, (x,)), (x,))
     with pytest.raises(fxmerge.InvalidArgumentError, match="analysis must be the fxmerge.Analysis"):
         fxmerge.plan(model.stem, table, budget=0.9, example_inputs=(x,), analysis="a")
+
+
+def test_a_table_measured_for_parts_covers_them():
+    """LatencyTable.measure(..., modules=[...]) measures the parts' terms (asserted on what it
+    holds, never on the times)."""
+    model, x = _net()
+    model, x = model.float(), x.float()
+    table = fxmerge.LatencyTable.measure(model, (x,), modules=["stem", "body"], repeats=2, rounds=1,
+                                         min_repeat_ms=0.1, references=False, progress=False)
+    analysis = fxmerge.analyze(model, (x,), modules=["stem", "body"])
+    assert not table.missing(analysis) and len(table) > 0
