@@ -24,23 +24,11 @@ from fxmerge.cli import cache as cli_cache
 from fxmerge.cost import CostModel
 from fxmerge.errors import MalformedFileError
 from fxmerge.geometry import conv_macs
-from synthetic import merging_pays_table, table_for
-from test_latency_and_plan import X, tiny_mbv2
+from synthetic import table_for
+from test_hardening import table, tiny  # noqa: F401  (the same fixtures: a tiny net and its synthetic table)
+from test_latency_and_plan import X
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = tiny_mbv2()
-    analysis = fxmerge.analyze(model, (X,))
-    return model, analysis, merging_pays_table(analysis, (X,))
-
-
-@pytest.fixture
-def table(tiny):
-    """A fresh copy of tiny's synthetic table (tests may change it)."""
-    return fxmerge.LatencyTable.from_dict(json.loads(json.dumps(tiny[2].to_dict())))
 
 
 @pytest.fixture
