@@ -19,13 +19,12 @@ import torch.nn as nn
 
 import fxmerge
 from conftest import check_equals_original, randomize
-from fxmerge import cli
 from fxmerge.cli import cache as cli_cache
 from fxmerge.cost import CostModel
 from fxmerge.errors import MalformedFileError
 from fxmerge.geometry import conv_macs
 from synthetic import table_for
-from test_hardening import table, tiny  # noqa: F401  (the same fixtures: a tiny net and its synthetic table)
+from test_hardening import run_cli, table, tiny  # noqa: F401  (the same fixtures: a tiny net and its synthetic table)
 from test_latency_and_plan import X
 
 F64 = torch.float64
@@ -38,15 +37,6 @@ def no_measuring(monkeypatch):
 
     monkeypatch.setattr(fxmerge.LatencyTable, "measure", measured)
     monkeypatch.setattr(fxmerge.LatencyTable, "measure_missing", measured)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def plan_dict(analysis: fxmerge.Analysis, kind: str = "drop_all") -> dict:
