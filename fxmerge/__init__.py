@@ -21,9 +21,13 @@ from typing import TYPE_CHECKING, Any
 def _passes_from_checkout() -> None:
     """The repository keeps the passes in a top-level ``passes/`` folder that setup.cfg installs
     as ``fxmerge.passes``. When fxmerge is imported straight from a checkout (not installed),
-    load that folder as ``fxmerge.passes``."""
+    load that folder as ``fxmerge.passes`` — also when an editable install of *another*
+    checkout would answer for it (its finder knows only its own folder)."""
     folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "passes")
-    if importlib.util.find_spec(f"{__name__}.passes") is not None or not _os.path.isfile(_os.path.join(folder, "dp.py")):
+    if not _os.path.isfile(_os.path.join(folder, "dp.py")):
+        return  # installed: the passes live inside the package
+    found = importlib.util.find_spec(f"{__name__}.passes")
+    if found is not None and found.origin and _os.path.dirname(_os.path.abspath(found.origin)) == folder:
         return
     spec = importlib.util.spec_from_file_location(f"{__name__}.passes", _os.path.join(folder, "__init__.py"),
                                                   submodule_search_locations=[folder])

@@ -3,6 +3,8 @@ their state."""
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +149,15 @@ def test_backend_registry_restores_what_a_scope_registered():
         fxmerge.register_backend(Other())
         assert "other" in fxmerge.BACKENDS
     assert dict(fxmerge.BACKENDS) == before
+
+
+def test_a_second_checkout_imports_its_own_passes(tmp_path):
+    """fxmerge imported from another checkout (PYTHONPATH) loads that checkout's passes/, not
+    the editable install's (whose finder answers for fxmerge.passes first)."""
+    for folder in ("fxmerge", "passes"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import fxmerge.passes.dp as d; print(d.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path.parent, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "passes" / "dp.py")
