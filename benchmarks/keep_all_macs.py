@@ -11,28 +11,17 @@ conv's real output shape in a forward pass (hooks), so they do not depend on mac
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import timm
 import torch
-import torch.nn as nn
 
 import fxmerge
 from fxmerge.plans import cheapest_cover
 
-
-def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return total
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import conv_work  # noqa: E402  (the suite's MAC count from real output shapes)
 
 
 def fewest_blocks(analysis: fxmerge.Analysis) -> fxmerge.Plan:
@@ -59,8 +48,8 @@ def main() -> None:
             ref = model(x)
             err = ((merged_now(x) - ref).abs().max() / ref.abs().max()).item()
         print(f"{name}: convs {analysis.num_layers} -> before {before.num_convs} / now {now.num_convs}; conv MACs "
-              f"{conv_macs(model, x) / 1e6:,.0f} M -> before {conv_macs(merged_before, x) / 1e6:,.0f} M / now "
-              f"{conv_macs(merged_now, x) / 1e6:,.0f} M; keep-all vs model now {err:.1e} (float32)", flush=True)
+              f"{conv_work(model, x) / 1e6:,.0f} M -> before {conv_work(merged_before, x) / 1e6:,.0f} M / now "
+              f"{conv_work(merged_now, x) / 1e6:,.0f} M; keep-all vs model now {err:.1e} (float32)", flush=True)
 
 
 if __name__ == "__main__":

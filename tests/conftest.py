@@ -101,6 +101,24 @@ class Checked:
     merged: dict
 
 
+def conv_work(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of every conv a forward pass of ``model`` runs (from its real output shapes)."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
 def first_tensor(out):
     """A model's output as one tensor (dicts and tuples of outputs concatenated)."""
     if isinstance(out, torch.Tensor):

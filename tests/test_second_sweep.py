@@ -18,47 +18,20 @@ import torch
 import torch.nn as nn
 
 import fxmerge
-from conftest import check_equals_original, randomize
+from conftest import check_equals_original, conv_work, randomize
 from fxmerge.cli import cache as cli_cache
 from fxmerge.cost import CostModel
 from fxmerge.errors import MalformedFileError
 from fxmerge.geometry import conv_macs
 from synthetic import table_for
-from test_hardening import run_cli, table, tiny  # noqa: F401  (the same fixtures: a tiny net and its synthetic table)
+from test_hardening import no_measuring, run_cli, table, tiny  # noqa: F401  (the same fixtures)
 from test_latency_and_plan import X
 
 F64 = torch.float64
 
 
-@pytest.fixture
-def no_measuring(monkeypatch):
-    def measured(*args, **kwargs):
-        raise AssertionError("measuring started before the arguments were checked")
-
-    monkeypatch.setattr(fxmerge.LatencyTable, "measure", measured)
-    monkeypatch.setattr(fxmerge.LatencyTable, "measure_missing", measured)
-
-
 def plan_dict(analysis: fxmerge.Analysis, kind: str = "drop_all") -> dict:
     return json.loads(json.dumps(getattr(fxmerge.Plan, kind)(analysis).to_dict()))
-
-
-def conv_work(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of every conv a forward pass of ``model`` runs (from its real output shapes)."""
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
 
 
 # =========================================================================== silent wrong results
