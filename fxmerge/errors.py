@@ -57,3 +57,10 @@ class VerificationError(FxMergeError):
     def __init__(self, message: str, rounds: list, best: object):
         super().__init__(message)
         self.rounds, self.best = rounds, best
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of its message"`` (just the type when the message is empty): how
+    fxmerge carries a library's error into one line of its own."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

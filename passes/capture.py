@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
+from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError, first_line
 
 from . import patterns
 from .model_checks import check_model  # the same refusals as the fx path (hooks, weight_norm)
@@ -185,11 +185,9 @@ def _export(private: nn.Module, inputs: tuple, strict: bool, dynamic_shapes: Any
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
             return torch.export.export(private, inputs, dynamic_shapes=dynamic_shapes, strict=strict)
     except Exception as exc:  # export raises many kinds: UserError, GuardOnDataDependent, TypeError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         other = "strict=False" if strict else "strict=True"
         raise TraceFailedError(
-            f"torch.export could not capture {type(private).__name__} (strict={strict}): {type(exc).__name__}: "
-            f"{first}. Try capture(..., {other}), or make the forward exportable "
+            f"torch.export could not capture {type(private).__name__} (strict={strict}): {first_line(exc)}. Try capture(..., {other}), or make the forward exportable "
             "(https://pytorch.org/docs/stable/export.html).") from exc
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxmerge.errors import InvalidArgumentError, UnsupportedModelError
+from fxmerge.errors import InvalidArgumentError, UnsupportedModelError, first_line
 
 from .model_checks import check_model
 
@@ -119,7 +119,7 @@ def split_into_parts(model: nn.Module, example_inputs: Sequence[torch.Tensor], m
         private(*example_inputs)
     except Exception as exc:
         raise InvalidArgumentError(f"running the example inputs through {type(model).__name__} failed: "
-                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Pass "
+                                   f"{first_line(exc)}. Pass "
                                    "inputs the whole model accepts, as a tuple") from exc
     finally:
         for hook in hooks:

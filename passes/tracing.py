@@ -34,7 +34,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxmerge.arguments import check_inputs
-from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError
+from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedModelError, first_line
 
 from . import patterns
 from .activations import is_activation_module
@@ -113,7 +113,7 @@ class _Leaves:
     def add(self, module: nn.Module, qualname: str, error: Exception) -> None:
         """Keep the failing submodule whole: every instance of a conv subclass (they are
         recognised by what they compute later), else just this instance."""
-        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        why = first_line(error)
         if isinstance(module, nn.modules.conv._ConvNd):
             self.auto_types.add(type(module))
         else:
@@ -197,10 +197,11 @@ def capture_graph(model: nn.Module | torch.export.ExportedProgram, example_input
     fx goes first because it is the cheaper capture by far (a failed fx attempt costs
     milliseconds, an export seconds: ``benchmarks/capture_cost.py``) and keeps the model's own
     module calls; export is tried when fx fails, or when fx had to keep convs inside
-    submodules it could not trace (export sees inside them; if it fails, fx's graph stands). ``capture="export"`` (what a plan made on an exported graph records) skips
-    the fx attempt so a plan is re-applied to the graph it was made on (a GraphModule, such
-    as :func:`.capture`'s, is taken as it is either way); explicit
-    ``TraceOptions`` mean the user chose fx, so no fallback hides their tracer's failure.
+    submodules it could not trace (export sees inside them; if it fails, fx's graph stands).
+    ``capture="export"`` (what a plan made on an exported graph records) skips the fx attempt
+    so a plan is re-applied to the graph it was made on (a GraphModule, such as
+    :func:`.capture`'s, is taken as it is either way); explicit ``TraceOptions`` mean the user
+    chose fx, so no fallback hides their tracer's failure.
     """
     already_a_graph = isinstance(model, fx.GraphModule) and options.is_default  # copied as it is
     if isinstance(model, torch.export.ExportedProgram) or (capture == "export" and not already_a_graph):
@@ -450,11 +451,11 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     except _NodeFailed as failed:
         raise InvalidArgumentError(
             f"running the example inputs ({_shapes(example_inputs)}) through the traced model failed at "
-            f"'{failed.node.name}' ({_target_name(failed.node)}): {_first_line(failed.cause)}. Pass inputs the "
+            f"'{failed.node.name}' ({_target_name(failed.node)}): {first_line(failed.cause)}. Pass inputs the "
             "model accepts, as a tuple (like torch.export).") from failed.cause
     except Exception as exc:  # before any node ran (e.g. the wrong number of inputs)
         raise InvalidArgumentError(f"running the example inputs ({_shapes(example_inputs)}) through the traced model "
-                                   f"failed: {_first_line(exc)}. Pass inputs the model accepts, as a tuple "
+                                   f"failed: {first_line(exc)}. Pass inputs the model accepts, as a tuple "
                                    "(like torch.export).") from exc
     finally:
         gm.train(was_training)
@@ -463,11 +464,6 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
 def _shapes(example_inputs: Sequence[Any]) -> str:
     return ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)
                      else type(x).__name__ for x in example_inputs)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _target_name(node: fx.Node) -> str:

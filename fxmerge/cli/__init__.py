@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fxmerge.errors import FxMergeError, InvalidArgumentError
+from fxmerge.errors import FxMergeError, InvalidArgumentError, first_line
 
 # fxmerge's modules (and torch) are imported by the commands that need them, so that
 # `fxmerge --help` answers at once.
@@ -241,8 +241,7 @@ def _export(compressed, inputs: tuple, path: str) -> None:
     try:
         program = torch.export.export(compressed, inputs)
     except Exception as exc:  # export failures come in many types: say so in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FxMergeError(f"torch.export could not export the compressed model ({type(exc).__name__}: {first}); "
+        raise FxMergeError(f"torch.export could not export the compressed model ({first_line(exc)}); "
                            "save it with -o NAME.pt instead") from None
     torch.export.save(program, path)
 
@@ -257,9 +256,8 @@ def _export_onnx(compressed, inputs: tuple, path: str) -> None:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(compressed, inputs, dynamo=True, verbose=False)
     except Exception as exc:  # exporter failures come in many types: say so in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FxMergeError(f"torch.onnx.export could not export the compressed model ({type(exc).__name__}: "
-                           f"{first}); save it with -o NAME.pt or NAME.pt2 instead") from None
+        raise FxMergeError(f"torch.onnx.export could not export the compressed model ({first_line(exc)}); "
+                           "save it with -o NAME.pt or NAME.pt2 instead") from None
     program.save(path)  # written only once the export succeeded: never a partial file
 
 
