@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxmerge.errors import FxMergeError, InvalidArgumentError, MalformedFileError, PlanMismatchError
-from fxmerge.passes.rewrite import RECORD, merge
+from fxmerge.passes.rewrite import merge, merged_plan_record
 from fxmerge.passes.tracing import TraceOptions
 from fxmerge.plans import Plan
 from fxmerge.serialization import check_header, check_output_folder
@@ -38,15 +38,15 @@ from fxmerge.serialization import check_header, check_output_folder
 FORMAT, VERSION = "fxmerge.artifact", 1
 
 
-def save_compressed(compressed: fx.GraphModule, path: str | os.PathLike) -> None:
+def save_compressed(compressed: nn.Module, path: str | os.PathLike) -> None:
     """Save a module made by :func:`fxmerge.merge` / :func:`fxmerge.compress` as its plan (JSON
     text) and state dict, loadable with ``torch.load(path, weights_only=True)``."""
-    record = getattr(compressed, "meta", {}).get(RECORD, {}) if isinstance(compressed, fx.GraphModule) else {}
-    if "plan_json" not in record:
+    record = merged_plan_record(compressed)  # kept through pickling and torch.save too
+    if record is None:
         raise InvalidArgumentError("save needs a module returned by fxmerge.merge or fxmerge.compress (it carries its "
                                    f"plan); got {type(compressed).__name__}")
     target = _output_path(path)
-    data = {"format": FORMAT, "version": VERSION, "plan": json.dumps(record["plan_json"]),
+    data = {"format": FORMAT, "version": VERSION, "plan": json.dumps(record),
             "state_dict": compressed.state_dict()}
     tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:  # written beside the target and renamed over it: an interrupted save never leaves a partial artifact

@@ -42,8 +42,9 @@ from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare
 from .weights import COMPOSE_DTYPE, folded_weights
 
 RECORD = "fxmerge"  # key in GraphModule.meta
-# The merged model's plan as JSON text in a plain attribute too: GraphModule.meta is dropped by
-# pickle and torch.save, attributes are kept, so a saved compressed model still knows its plan.
+# The merged model's plan, as JSON text in a plain attribute: GraphModule.meta is dropped by
+# pickle and torch.save, attributes are kept, so a saved compressed model still knows its plan
+# (and a model with compressed parts, not a GraphModule itself, carries it the same way).
 PLAN_ATTRIBUTE = "fxmerge_plan_json"
 
 
@@ -284,7 +285,7 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
     for segment in gm.meta[RECORD]["segments"]:
         gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment.start))
         renamed[gone] = now
-    gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True, "plan_json": plan.to_dict()}
+    gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True}
     setattr(gm, PLAN_ATTRIBUTE, json.dumps(plan.to_dict()))
     return _finish(gm)
 
@@ -292,9 +293,6 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
 def merged_plan_record(module: nn.Module) -> dict | None:
     """The plan (as :meth:`Plan.to_dict`) a module returned by :func:`merge` carries, also after
     pickling or ``torch.save`` (which drop ``meta``); None for any other module."""
-    record = getattr(module, "meta", {}).get(RECORD, {})
-    if "plan_json" in record:
-        return record["plan_json"]
     text = getattr(module, PLAN_ATTRIBUTE, None)
     return json.loads(text) if isinstance(text, str) else None
 

@@ -157,8 +157,9 @@ def test_a_wrong_input_names_the_node_and_the_cause_without_a_traceback(capfd):
     assert "Traceback" not in err and "ShapeProp" not in err
 
 
-def test_a_pickled_or_saved_compressed_model_keeps_its_plan():
-    """Issue 18 item 9: GraphModule.meta is dropped by pickle and torch.save; the plan is not."""
+def test_a_pickled_or_saved_compressed_model_keeps_its_plan(tmp_path):
+    """Issue 18 item 9: GraphModule.meta is dropped by pickle and torch.save; the plan is not,
+    so plan_of and save_compressed still take the copy."""
     model, x = _net()
     plan = fxmerge.Plan.drop_all(fxmerge.analyze(model.stem, (x,)))
     merged = fxmerge.merge(model.stem, plan)
@@ -169,6 +170,8 @@ def test_a_pickled_or_saved_compressed_model_keeps_its_plan():
         assert copy_.meta.get("fxmerge") is None  # what torch keeps: nothing of meta ...
         assert merged_plan_record(copy_) == plan.to_dict()  # ... and the plan all the same
         assert fxmerge.plan_of(copy_).fingerprint() == plan.fingerprint()
+        fxmerge.save_compressed(copy_, tmp_path / "copy.pt")
+        assert fxmerge.load_compressed(tmp_path / "copy.pt", model.stem).state_dict().keys() == merged.state_dict().keys()
         assert_same(copy_, merged, (x,), F64, "pickled merged model")
 
 
