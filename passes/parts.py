@@ -155,27 +155,26 @@ def split_graph(gm: fx.GraphModule, layout: PartsLayout) -> list[tuple[fx.GraphM
     ``name.`` dropped, so its state dict has the part's keys); each with the new names of the
     nodes it took (``{old: new}``)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    flat = _flat_inputs(gm)
     pieces, first = [], 0
     for index, name in enumerate(layout.names):
-        pieces.append(_piece(gm, placeholders, output.args[0][index], name, first, layout.arguments[index],
+        pieces.append(_piece(gm, flat, output.args[0][index], name, first, layout.arguments[index],
                              layout.class_names[index]))
         first += layout.counts[index]
     return pieces
 
 
-def _input_index(node: fx.Node, placeholders: list[fx.Node]) -> int | None:
-    """Which flat input ``node`` is: fx keeps ``*inputs`` as one placeholder read by getitem,
-    export gives one placeholder per input."""
-    star = placeholders[0] if len(placeholders) == 1 and str(placeholders[0].target).startswith("*") else None
-    if star is not None:
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] is star:
-            return node.args[1]
-        return None
-    return placeholders.index(node) if node.op == "placeholder" else None
+def _flat_inputs(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """The node standing for each flat input, by index: fx keeps ``*inputs`` as one placeholder
+    read by getitem, export gives one placeholder per input."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    if len(placeholders) == 1 and str(placeholders[0].target).startswith("*"):
+        star = placeholders[0]
+        return {n: n.args[1] for n in star.users if n.op == "call_function" and n.target is operator.getitem}
+    return {n: k for k, n in enumerate(placeholders)}
 
 
-def _piece(gm: fx.GraphModule, placeholders: list[fx.Node], result: Any, name: str, first: int,
+def _piece(gm: fx.GraphModule, flat: dict[fx.Node, int], result: Any, name: str, first: int,
            arguments: Sequence[str], class_name: str) -> tuple[fx.GraphModule, dict[str, str]]:
     needed = _ancestors(result)
     graph, env, owned = fx.Graph(), {}, {}
@@ -183,9 +182,8 @@ def _piece(gm: fx.GraphModule, placeholders: list[fx.Node], result: Any, name: s
     for node in gm.graph.nodes:
         if node not in needed:
             continue
-        index = _input_index(node, placeholders)
-        if index is not None:
-            env[node] = inputs[index - first]
+        if node in flat:
+            env[node] = inputs[flat[node] - first]
             continue
         if node.op == "placeholder":
             continue

@@ -222,3 +222,28 @@ def test_a_table_measured_for_parts_covers_them():
                                          min_repeat_ms=0.1, references=False, progress=False)
     analysis = fxmerge.analyze(model, (x,), modules=["stem", "body"])
     assert not table.missing(analysis) and len(table) > 0
+
+
+def test_parts_fx_cannot_trace_are_captured_by_export_and_put_back():
+    """Parts that only torch.export captures (C2f's list(chunk)) go through the same split."""
+    from yolo_blocks import C2f
+
+    class TwoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = C2f(8, 8, 2, shortcut=True), C2f(8, 8, 1, shortcut=True)
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            return y.mean() if y.sum() > 0 else y.amax()  # the whole model captures in neither
+
+    model = randomize(TwoBlocks()).eval().to(F64)
+    x = torch.randn(1, 8, 16, 16, dtype=F64)
+    analysis = fxmerge.analyze(model, (x,), modules=["a", "b"])
+    assert analysis.capture == "export" and analysis.num_layers == _convs(model)
+    drop = fxmerge.Plan.drop_all(analysis)
+    merged, linear = fxmerge.merge(model, drop), fxmerge.linearize(model, drop)
+    body = nn.Sequential  # the two parts in a row: what the branchy head reads
+    assert_same(body(merged.a, merged.b), body(linear.a, linear.b), (x,), F64, "export parts: merge vs linearize")
+    keep = fxmerge.merge(model, fxmerge.Plan.keep_all(analysis))
+    assert_same(body(keep.a, keep.b), body(model.a, model.b), (x,), F64, "export parts: keep_all vs the original")
