@@ -49,7 +49,6 @@ place and the export is the same whether or not the model ran before):
 """
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedMo
 
 from . import patterns
 from .model_checks import check_model  # the same refusals as the fx path (hooks, weight_norm)
+from .private_copies import detach_from, private_copy
 
 CAPTURE_RECORD = "fxmerge_capture"  # GraphModule.meta key: how the graph was captured
 _MAX_REL_ERROR = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -88,6 +88,14 @@ def capture(model: nn.Module | torch.export.ExportedProgram, example_inputs: Seq
     example's batch where the model fixes it. ``check`` compares the result with the model on
     the example inputs.
     """
+    return detach_from(capture_sharing(model, example_inputs, strict=strict, dynamic_batch=dynamic_batch,
+                                       check=check), model)
+
+
+def capture_sharing(model: nn.Module | torch.export.ExportedProgram, example_inputs: Sequence[torch.Tensor] | None,
+                    *, strict: bool = False, dynamic_batch: bool = True, check: bool = True) -> fx.GraphModule:
+    """:func:`capture`'s graph before it owns its parameters: it shares them with ``model``,
+    as the passes' private graphs do (:mod:`.private_copies`)."""
     source = _Source.of(model, example_inputs, strict, dynamic_batch)
     lowering = _Lowering(source)
     gm = lowering.run()
@@ -153,7 +161,7 @@ def _warmed_copy(model: nn.Module, inputs: tuple) -> tuple[nn.Module, Any]:
     """A private eval-mode copy of ``model`` that ran once on ``inputs`` (so lazily built
     state — ultralytics' anchors, caches — exists before export looks, and the export does not
     depend on whether the user's model ran before), and its outputs."""
-    private = copy.deepcopy(model).eval()
+    private = private_copy(model).eval()
     with torch.no_grad():
         reference = private(*inputs)
     return private, reference

@@ -29,6 +29,7 @@ import torch.nn as nn
 from fxmerge.errors import InvalidArgumentError, UnsupportedModelError, first_line
 
 from .model_checks import check_model
+from .private_copies import private_copy
 
 PARTS_RECORD = "fxmerge_parts"  # GraphModule.meta key: the parts and how many inputs each takes
 
@@ -110,7 +111,7 @@ def split_into_parts(model: nn.Module, example_inputs: Sequence[torch.Tensor], m
                      ) -> tuple[Parts, tuple[torch.Tensor, ...]]:
     """A private :class:`Parts` of ``model``'s named submodules (copies, eval mode) and their
     inputs, recorded by running the whole model once on ``example_inputs``."""
-    private = copy.deepcopy(check_model(model)).eval()
+    private = private_copy(check_model(model)).eval()
     names = check_modules(private, modules)
     seen: dict[str, list] = {name: [] for name in names}
     hooks = [private.get_submodule(name).register_forward_pre_hook(_recorder(seen[name]), with_kwargs=True)

@@ -38,8 +38,9 @@ from . import patterns
 from .analysis import analyze_graph, layer_geometry
 from .model_checks import unwrap
 from .parts import PARTS_RECORD, replace_parts, split_graph
+from .private_copies import detach_from, private_copy
 from .tracing import TraceOptions, check_trace, inputs_from_specs, prepare
-from .weights import COMPOSE_DTYPE, folded_weights
+from .weights import COMPOSE_DTYPE, folded_weights, folded_weights_cast
 
 RECORD = "fxmerge"  # key in GraphModule.meta
 # The merged model's plan, as JSON text in a plain attribute: GraphModule.meta is dropped by
@@ -106,6 +107,13 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
     structure compared with the plan's record: :class:`~fxmerge.PlanMismatchError` names the
     first difference. ``trace`` (:class:`~fxmerge.TraceOptions`) as for :func:`fxmerge.analyze`.
     """
+    return detach_from(_linearized(model, plan, example_inputs, trace), model)
+
+
+def _linearized(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
+                trace: TraceOptions | None) -> fx.GraphModule:
+    """:func:`linearize`'s result before it owns its parameters: it shares those it did not
+    change with ``model`` (merge replaces most of them, so it never pays for a copy of each)."""
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be an fxmerge.Plan; got {type(plan).__name__}")
     if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
@@ -114,9 +122,9 @@ def linearize(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Te
     if _is_linearized(model):
         if model.meta[RECORD]["plan"] != plan.fingerprint():
             raise PlanMismatchError("this model was linearized with a different plan; linearize the original model")
-        return copy.deepcopy(model).eval()
+        return private_copy(model).eval()
     if plan.modules and _parts_linearized(model, plan):  # a linearized whole model: parts already done
-        return copy.deepcopy(model).eval()
+        return private_copy(model).eval()
     gm = _prepare_for(model, plan, example_inputs, check_trace(trace))
     nodes = _nodes(gm)
     segments = []
@@ -275,19 +283,19 @@ def merge(model: nn.Module, plan: Plan, *, example_inputs: Sequence[torch.Tensor
     mode up to float error. The result carries its plan (:func:`merged_plan_record`,
     ``fxmerge.plan_of``), pickled or saved with ``torch.save`` too.
     """
-    gm = linearize(model, plan, example_inputs=example_inputs, trace=trace)
+    gm = _linearized(model, plan, example_inputs, trace)
     if plan.modules and not _is_linearized(gm):  # the whole model, its parts linearized: merge each
         for name in plan.modules:
             gm.set_submodule(name, merge(gm.get_submodule(name), plan))
         setattr(gm, PLAN_ATTRIBUTE, json.dumps(plan.to_dict()))
-        return gm
+        return detach_from(gm, model)
     nodes, renamed = _nodes(gm), {}
     for segment in gm.meta[RECORD]["segments"]:
         gone, now = _merge_segment(gm, nodes, segment, _follow(renamed, segment.start))
         renamed[gone] = now
     gm.meta[RECORD] = {"plan": plan.fingerprint(), "merged": True}
     setattr(gm, PLAN_ATTRIBUTE, json.dumps(plan.to_dict()))
-    return _finish(gm)
+    return detach_from(_finish(gm), model)
 
 
 def merged_plan_record(module: nn.Module) -> dict | None:
@@ -323,9 +331,13 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segme
     layers = segment.kept
     first = nodes[layers[0].conv]
     weight_dtype = patterns.get_tensor(gm, patterns.conv_call(gm, first)[0].weight_target).dtype
-    state = _merged_state(gm, nodes, segment)
-    weight, bias, dilation = algebra.finalize(state)
-    weight, bias = weight.to(weight_dtype), bias.to(weight_dtype)
+    if len(segment.layers) == 1 and not segment.pruned and not segment.skips:  # a conv absorbing its BN
+        weight, bias, call = folded_weights_cast(gm, layers[0].conv, layers[0].bn, weight_dtype, nodes=nodes)
+        stride, dilation, groups = call.geometry.stride, call.geometry.dilation, call.geometry.groups
+    else:
+        state = _merged_state(gm, nodes, segment)
+        weight, bias, dilation = algebra.finalize(state)
+        weight, bias, stride, groups = weight.to(weight_dtype), bias.to(weight_dtype), state.stride, state.groups
     front = segment.front  # the whole segment's padding, before its input
     source, padding = nodes[start], tuple(lo for lo, _ in front)
     end = nodes[segment.end]
@@ -333,7 +345,7 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segme
         source = _insert_pad(gm.graph, end, source, front, f"fxmerge_pad_{first.name}_merged")
         padding = (0,) * len(front)
     name = _module_name(gm, layers)
-    gm.add_submodule(name, make_conv(weight, bias, state.stride, padding, dilation, state.groups))
+    gm.add_submodule(name, make_conv(weight, bias, stride, padding, dilation, groups))
     with gm.graph.inserting_before(end):
         merged = gm.graph.create_node("call_module", name, (source,), name=name)
     nodes[merged.name] = merged

@@ -38,9 +38,10 @@ from fxmerge.errors import InvalidArgumentError, TraceFailedError, UnsupportedMo
 
 from . import patterns
 from .activations import is_activation_module
-from .capture import CAPTURE_RECORD, capture as export_capture
+from .capture import CAPTURE_RECORD, capture_sharing as export_capture
 from .model_checks import check_model, is_fxmerge_output
 from .parts import PARTS_RECORD, split_into_parts
+from .private_copies import private_copy
 
 TRACE_RECORD = "fxmerge_trace"  # GraphModule.meta key: what prepare kept whole or made concrete
 _MAX_RETRIES = 64
@@ -151,7 +152,8 @@ def _tracer_with_context(tracer: fx.Tracer | None, leaves: _Leaves) -> fx.Tracer
 
 
 def trace(model: nn.Module, options: TraceOptions = TraceOptions()) -> fx.GraphModule:
-    """A private GraphModule of ``model`` in eval mode (a deep copy when it already is one).
+    """A private GraphModule of ``model`` in eval mode (a copy when it already is one; its
+    parameters are the model's, shared: :mod:`.private_copies`).
 
     A submodule fx cannot trace is kept whole, innermost first; if the model's own
     ``forward`` cannot be traced, raises :class:`~fxmerge.TraceFailedError` naming where and
@@ -160,7 +162,7 @@ def trace(model: nn.Module, options: TraceOptions = TraceOptions()) -> fx.GraphM
     model = check_model(model)
     tracer, concrete_args = options.tracer, options.concrete_args
     if isinstance(model, fx.GraphModule) and options.is_default:
-        gm = copy.deepcopy(model).eval()
+        gm = private_copy(model).eval()
         _check_not_aten(gm)
         return gm
     if model.training and not is_fxmerge_output(model):
@@ -168,7 +170,7 @@ def trace(model: nn.Module, options: TraceOptions = TraceOptions()) -> fx.GraphM
                       "(BatchNorm folded with its running statistics, dropout off) and returns eval-mode modules; "
                       "the model you passed is left as it is. Call .eval() first to silence this.",
                       stacklevel=_caller_stacklevel())
-    private = copy.deepcopy(model).eval()
+    private = private_copy(model).eval()
     leaves = _Leaves(options.leaf_modules)
     for _ in range(_MAX_RETRIES):
         t = _tracer_with_context(tracer, leaves)
