@@ -16,7 +16,7 @@ a forward pass's memory they need). Target: analyze + merge <= 5 s per model and
 How memory is measured: every model runs in three fresh subprocesses of this script — one
 forward pass, analyze + keep-all merge, analyze + drop-all merge — so no process inherits
 another's allocations or allocator caches. Each reports its peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water mark) minus its
+(``VmHWM`` in ``/proc/self/status``, the kernel's high-water mark) minus its
 resident size right after the imports (torch, torchvision, timm for its rows and fxmerge, the
 same in every job), before the model is built. The model's own weights count in every column:
 the forward pass holds weights and activations; the passes hold the weights, the private
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -93,8 +92,10 @@ def batchnorms(model: nn.Module) -> int:
 
 
 def peak_mb() -> float:
-    """This process's peak resident set size so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size so far, in MB: the kernel's high-water mark of its
+    own memory (``VmHWM``; ``ru_maxrss`` would start from the parent's, kept across ``exec``)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
 
 # --------------------------------------------------------------------------- one job, in a child
