@@ -333,7 +333,9 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segme
     weight_dtype = patterns.get_tensor(gm, patterns.conv_call(gm, first)[0].weight_target).dtype
     if len(segment.layers) == 1 and not segment.pruned and not segment.skips:  # a conv absorbing its BN
         weight, bias, call = folded_weights_cast(gm, layers[0].conv, layers[0].bn, weight_dtype, nodes=nodes)
-        stride, dilation, groups = call.geometry.stride, call.geometry.dilation, call.geometry.groups
+        stride, groups = call.geometry.stride, call.geometry.groups
+        # a size-1 kernel axis has no grid: dilation 1, as merged kernels record it
+        dilation = tuple(d if k > 1 else 1 for d, k in zip(call.geometry.dilation, weight.shape[2:]))
     else:
         state = _merged_state(gm, nodes, segment)
         weight, bias, dilation = algebra.finalize(state)
