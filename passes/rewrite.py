@@ -306,13 +306,19 @@ def merged_plan_record(module: nn.Module) -> dict | None:
 
 
 @torch.no_grad()
-def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment) -> algebra.ConvState:
+def _merged_state(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segment,
+                  weight_dtype: torch.dtype) -> algebra.ConvState:
+    """The segment's merged conv, composed in ``COMPOSE_DTYPE``; a single conv absorbing its
+    BatchNorm is folded straight into ``weight_dtype`` (nothing to compose, so no
+    kernel-sized float64 tensor: :func:`.weights.folded_weights_cast`)."""
+    alone = len(segment.layers) == 1 and not segment.pruned and not segment.skips
     convs = []
     for k, (conv, _, bn, _) in enumerate(segment.layers):
         if k in segment.pruned:  # the identity, as a depthwise 1x..x1 conv
             convs.append(_identity_conv(segment.pruned[k], gm, nodes, segment))
             continue
-        weight, bias, call = folded_weights(gm, conv, bn, nodes=nodes)
+        weight, bias, call = folded_weights_cast(gm, conv, bn, weight_dtype, nodes=nodes) if alone else \
+            folded_weights(gm, conv, bn, nodes=nodes)
         g = call.geometry
         convs.append(algebra.Conv(weight, bias, g.stride, g.dilation, g.groups))
     return algebra.compose_run(convs, [(s.source, s.target, s.offset) for s in segment.skips])
@@ -331,15 +337,9 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segme
     layers = segment.kept
     first = nodes[layers[0].conv]
     weight_dtype = patterns.get_tensor(gm, patterns.conv_call(gm, first)[0].weight_target).dtype
-    if len(segment.layers) == 1 and not segment.pruned and not segment.skips:  # a conv absorbing its BN
-        weight, bias, call = folded_weights_cast(gm, layers[0].conv, layers[0].bn, weight_dtype, nodes=nodes)
-        stride, groups = call.geometry.stride, call.geometry.groups
-        # a size-1 kernel axis has no grid: dilation 1, as merged kernels record it
-        dilation = tuple(d if k > 1 else 1 for d, k in zip(call.geometry.dilation, weight.shape[2:]))
-    else:
-        state = _merged_state(gm, nodes, segment)
-        weight, bias, dilation = algebra.finalize(state)
-        weight, bias, stride, groups = weight.to(weight_dtype), bias.to(weight_dtype), state.stride, state.groups
+    state = _merged_state(gm, nodes, segment, weight_dtype)
+    weight, bias, dilation = algebra.finalize(state)
+    weight, bias = weight.to(weight_dtype), bias.to(weight_dtype)  # no copy where already cast
     front = segment.front  # the whole segment's padding, before its input
     source, padding = nodes[start], tuple(lo for lo, _ in front)
     end = nodes[segment.end]
@@ -347,7 +347,7 @@ def _merge_segment(gm: fx.GraphModule, nodes: dict[str, fx.Node], segment: Segme
         source = _insert_pad(gm.graph, end, source, front, f"fxmerge_pad_{first.name}_merged")
         padding = (0,) * len(front)
     name = _module_name(gm, layers)
-    gm.add_submodule(name, make_conv(weight, bias, stride, padding, dilation, groups))
+    gm.add_submodule(name, make_conv(weight, bias, state.stride, padding, dilation, state.groups))
     with gm.graph.inserting_before(end):
         merged = gm.graph.create_node("call_module", name, (source,), name=name)
     nodes[merged.name] = merged

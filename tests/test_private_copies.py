@@ -50,20 +50,19 @@ class CountsItsCalls(nn.Module):
         return self.body(x)
 
 
-CASES = {  # model, input, analyze keywords
-    "fx": lambda: (TwoStages(), {}),
-    "export": lambda: (ShapeLoop(), {}),
-    "parts": lambda: (TwoStages(), {"modules": ["backbone"]}),
-    "float64": lambda: (TwoStages().double(), {}),
+CASES = {  # model, input shape, analyze keywords
+    "fx": lambda: (TwoStages(), (1, 3, 16, 16), {}),
+    "export": lambda: (ShapeLoop(), (1, 3, 48, 48), {}),
+    "parts": lambda: (TwoStages(), (1, 3, 16, 16), {"modules": ["backbone"]}),
+    "float64": lambda: (TwoStages().double(), (1, 3, 16, 16), {}),
 }
-SHAPES = {"fx": (1, 3, 16, 16), "export": (1, 3, 48, 48), "parts": (1, 3, 16, 16), "float64": (1, 3, 16, 16)}
 
 
 def _case(name: str):
-    model, kwargs = CASES[name]()
+    model, shape, kwargs = CASES[name]()
     dtype = F64 if name == "float64" else torch.float32
-    x = torch.randn(SHAPES[name], generator=torch.Generator().manual_seed(0), dtype=dtype)
-    return randomize(model.eval(), calibrate_on=torch.randn((4,) + SHAPES[name][1:], dtype=dtype)).eval(), x, kwargs
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return randomize(model.eval(), calibrate_on=torch.randn((4,) + shape[1:], dtype=dtype)).eval(), x, kwargs
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
