@@ -369,3 +369,36 @@ def test_a_table_says_when_its_references_saw_a_busier_machine_than_its_units(re
     analysis = fxmerge.analyze(tiny_mbv2(), (X,))
     assert len(table.reference(analysis)["observations"]) >= 3  # sharp ratios: the references are all kept
     assert timing.state_note([0.02] * 5, 0.05) is None and timing.state_note([0.08] * 5, 0.12) is None
+
+
+# --------------------------------------------------------------------------- one estimate per ratio
+
+
+class DriftingFake(Fake):
+    """Fake's units; whole modules timed while the machine changes speed part-way through each
+    module's samples, at a slightly different sample for the folded original (timed first in
+    each round) than for the plans: pair by pair the plan takes half the original's time, but
+    the medians of the two sample lists are equal."""
+
+    def compare(self, modules, inputs, *, rounds=5, repeats=15, min_repeat_ms=30.0, warmup_ms=500.0, runners=None):
+        self.calls += 1
+        original, plan = [10.0] * 5 + [20.0] * 4, [5.0] * 4 + [10.0] * 5
+        return {name: Timing.from_samples(original if k == 0 else plan, 1) for k, name in enumerate(modules)}
+
+
+def test_a_plans_ratio_is_the_paired_estimate_its_interval_belongs_to(registry):
+    """The ratio a verify round judges and a table records is the median of the paired sample
+    ratios, the estimate its confidence interval is about; the ratio of the two medians (1.0
+    here) could lie outside that interval (measured: 0.744 reported with an interval of
+    0.760-0.855, a round that "met" 0.8 and then measured 0.84)."""
+    fxmerge.register_backend(DriftingFake())
+    model = tiny_mbv2()
+    table = fxmerge.LatencyTable.measure(model, (X,), backend="fake", references=False)
+    analysis = fxmerge.analyze(model, (X,))
+    plan = fxmerge.Plan.drop_all(analysis)
+    timings = verification.measure_plans(table, model, (X,), analysis, {"drop-all": plan}, kind="verify")
+    r = timings.intervals["drop-all"]
+    assert (r.low, r.value, r.high) == (0.5, 0.5, 0.5)
+    assert timings.ratios["drop-all"] == r.value
+    recorded = [o["ratio"] for o in table.reference(analysis)["observations"] if o["plan"] == plan.fingerprint()]
+    assert recorded == [0.5]
