@@ -19,7 +19,7 @@ interleaved run as the others: "meets" says whether each measured within 3 % of 
 
 With ``--prune-layers`` the table also prices pruning options and every budget is planned twice,
 depth-only and with ``prune_layers=True`` ("pruned"), both timed in the same interleaved run;
-the smallest feasible budget of each is reported. ``--save-tables DIR`` keeps the tables.
+the smallest feasible budget of each is reported. ``--save-tables DIR`` keeps the tables (and creates DIR).
 
 Timing uses 1 thread by default: on this shared 2-vCPU machine the second vCPU is
 intermittently taken, and 2-thread timings of many-small-op models then swing by up to 70 %.
@@ -30,6 +30,7 @@ import argparse
 import json
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torchvision
@@ -131,6 +132,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = tuple(int(v) for v in args.input_shape.split(","))
     budgets = [float(b) for b in args.budgets.split(",")]
+    if args.save_tables:  # a folder named on the command line is one the user wants: make it
+        Path(args.save_tables).mkdir(parents=True, exist_ok=True)
     rows, records = [], {}
     headers = ["model", "backend", "budget", "convs", "predicted ms", "measured ms", "pred. error", "pred. speed-up",
                "speed-up", "95% interval", "speed-up error", ""]
